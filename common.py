@@ -1,0 +1,531 @@
+"""What no paper changes: the compact ViT and text transformer (OpenAI/OpenCLIP parameter layout, SDPA attention),
+model configs from open_clip's registry, torchrun/DDP setup, the gradient-carrying all-gather and the contrastive
+loss, AdamW groups and the warmup+cosine schedule, atomic checkpoints, rank-0 logging, zero-shot and retrieval
+evaluation, and export to an open_clip `local-dir:` folder. Method ideas live in the method files, never here.
+"""
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+import data
+
+# -----------------------------------------------------------------------------
+# Model: the OpenAI CLIP layout, so open_clip state dicts load with strict=True and give the same embeddings.
+
+
+class QuickGELU(nn.Module):  # OpenAI's activation, used by their pretrained weights (configs '*-quickgelu')
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention's parameter names (in_proj_weight, in_proj_bias, out_proj), computed with SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def qkv(self, x):
+        B, N, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, N, 3, self.heads, C // self.heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+
+    def forward(self, x, causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, heads, N, head_dim)
+        return self.out_proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, named as open_clip's ResidualAttentionBlock."""
+
+    def __init__(self, width, heads, mlp_ratio, act):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=act(), c_proj=nn.Linear(hidden, width)))
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, mlp_ratio, act):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.resblocks = nn.ModuleList([Block(width, heads, mlp_ratio, act) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal)
+        return x
+
+    def init_weights(self):  # open_clip's text-tower init, used for both towers here
+        proj_std = self.width ** -0.5 * (2 * self.layers) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=self.width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * self.width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+class VisionTransformer(nn.Module):
+    """conv patch embed -> + position embedding -> keep `ids_keep` patches -> prepend CLS -> ln_pre -> blocks -> ln_post.
+    Dropping tokens after the position embedding and always keeping CLS is open_clip's PatchDropout, with the
+    indices chosen by the caller (each method masks its own way)."""
+
+    def __init__(self, image_size, patch_size, width, layers, heads, mlp_ratio, output_dim, act,
+                 pool_type='tok', no_ln_pre=False):
+        super().__init__()
+        self.image_size, self.patch_size, self.pool_type = image_size, patch_size, pool_type
+        self.grid_size = (image_size // patch_size, image_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
+        self.ln_pre = nn.Identity() if no_ln_pre else nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def embed(self, x, ids_keep=None):
+        """(B, 3, H, W) -> (B, 1 + K, width) tokens entering the blocks; K = L without ids_keep."""
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, L, width), L = grid_h * grid_w
+        x = x + self.positional_embedding[1:]
+        if ids_keep is not None:  # (B, K) patch indices in [0, L)
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, K, width)
+        cls = (self.class_embedding + self.positional_embedding[0]).expand(x.shape[0], 1, -1)
+        return self.ln_pre(torch.cat([cls.to(x.dtype), x], dim=1))
+
+    def forward_tokens(self, x, ids_keep=None):
+        """All output tokens after ln_post, (B, 1 + K, width): CLS first, then the kept patches in ids_keep order."""
+        return self.ln_post(self.transformer(self.embed(x, ids_keep)))
+
+    def pool(self, tokens):
+        return tokens[:, 0] if self.pool_type == 'tok' else tokens[:, 1:].mean(dim=1)
+
+    def forward(self, x, ids_keep=None):
+        return self.pool(self.forward_tokens(x, ids_keep)) @ self.proj  # (B, output_dim)
+
+
+def attention_maps(visual, x, ids_keep=None):
+    """Explicit softmax attention of every block, (B, layers, heads, 1 + K, 1 + K), for methods that need scores
+    (A-CLIP's CLS->patch attention). A separate function so the SDPA path stays fast; callers wrap it in no_grad."""
+    x = visual.embed(x, ids_keep)
+    maps = []
+    for block in visual.transformer.resblocks:
+        q, k, _ = block.attn.qkv(block.ln_1(x))
+        maps.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1))  # (B, heads, N, N)
+        x = block(x)
+    return torch.stack(maps, dim=1)
+
+
+class CLIP(nn.Module):
+    """open_clip.model.CLIP's layout: `visual` plus the text tower's parameters at the top level."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        v, t = cfg['vision_cfg'], cfg['text_cfg']
+        act = QuickGELU if cfg.get('quick_gelu') else nn.GELU
+        self.visual = VisionTransformer(
+            v['image_size'], v['patch_size'], v['width'], v['layers'], v['width'] // v.get('head_width', 64),
+            v.get('mlp_ratio', 4.0), cfg['embed_dim'], act, v.get('pool_type', 'tok'), v.get('no_ln_pre', False))
+        self.context_length = t.get('context_length', 77)
+        self.token_embedding = nn.Embedding(t.get('vocab_size', 49408), t['width'])
+        self.positional_embedding = nn.Parameter(torch.empty(self.context_length, t['width']))
+        self.transformer = Transformer(t['width'], t['layers'], t['heads'], t.get('mlp_ratio', 4.0), act)
+        self.ln_final = nn.LayerNorm(t['width'])
+        self.text_projection = nn.Parameter(torch.empty(t['width'], cfg['embed_dim']))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=t['width'] ** -0.5)
+        self.transformer.init_weights()
+        self.visual.transformer.init_weights()
+
+    def encode_image(self, image, normalize=False, ids_keep=None):
+        x = self.visual(image, ids_keep)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_tokens(self, text, causal=True):
+        """(B, T) token ids -> (B, T, width) after ln_final; causal=False is a bidirectional pass (MLM heads)."""
+        x = self.token_embedding(text) + self.positional_embedding
+        return self.ln_final(self.transformer(x, causal))
+
+    def encode_text(self, text, normalize=False):
+        x = self.text_tokens(text)
+        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # end-of-text token: the largest id
+        x = x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, image, text, ids_keep=None):
+        return (self.encode_image(image, True, ids_keep), self.encode_text(text, True), self.logit_scale.exp())
+
+
+# the CPU default: 64 px images in 8x8 patches (64 tokens), small enough to learn in minutes on 2 cores
+TINY = {'embed_dim': 128,
+        'vision_cfg': {'image_size': 64, 'layers': 4, 'width': 128, 'head_width': 32, 'patch_size': 8},
+        'text_cfg': {'context_length': 32, 'vocab_size': 49408, 'width': 128, 'heads': 4, 'layers': 3}}
+
+# open_clip config keys this compact model implements; anything else with a non-default value is refused
+_VISION_KEYS = {'image_size', 'layers', 'width', 'head_width', 'mlp_ratio', 'patch_size', 'pool_type', 'no_ln_pre'}
+_TEXT_KEYS = {'context_length', 'vocab_size', 'width', 'heads', 'layers', 'mlp_ratio'}
+_TEXT_DEFAULTS = {'pool_type': 'argmax', 'proj_type': 'linear', 'pad_id': 0, 'eos_id': 2}
+
+
+def model_config(name):
+    """'tiny' or any open_clip model name ('ViT-B-16'); raises ValueError for what the compact ViT cannot build."""
+    cfg = json.loads(json.dumps(TINY)) if name == 'tiny' else open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f'unknown --model {name!r}: use tiny or an open_clip ViT name such as ViT-B-16 '
+                         f'(see open_clip.list_models())')
+    v, t = cfg.get('vision_cfg', {}), cfg.get('text_cfg', {})
+    bad = [f'vision_cfg.{k}' for k, x in v.items() if k not in _VISION_KEYS and x] + \
+          [f'text_cfg.{k}' for k, x in t.items() if k not in _TEXT_KEYS and x and _TEXT_DEFAULTS.get(k) != x] + \
+          [k for k in cfg if k not in ('embed_dim', 'quick_gelu', 'vision_cfg', 'text_cfg', 'custom_text') and cfg[k]]
+    if not isinstance(v.get('layers'), int) or not isinstance(v.get('image_size'), int) or v.get('pool_type', 'tok') not in ('tok', 'avg'):
+        bad.append('vision_cfg (needs a square ViT with int layers and tok/avg pooling)')
+    if bad:
+        raise ValueError(f'--model {name} uses {", ".join(bad)}, which the compact ViT in common.py does not implement')
+    return cfg
+
+
+def tokenizer_for(cfg):
+    return open_clip.tokenizer.SimpleTokenizer(context_length=cfg['text_cfg'].get('context_length', 77))
+
+
+# -----------------------------------------------------------------------------
+# The command line every method shares (OpenCLIP's flag names); each method adds its own group and defaults.
+
+
+def add_common_args(p):
+    g = p.add_argument_group('data')
+    g.add_argument('--train-data', default=None, help='CSV/TSV file or WebDataset shards (brace patterns, "::" joins '
+                   'several); default: the embedded synthetic dataset')
+    g.add_argument('--dataset-type', default='auto', choices=['auto', 'synthetic', 'csv', 'webdataset'])
+    g.add_argument('--csv-img-key', default='filepath')
+    g.add_argument('--csv-caption-key', default='title')
+    g.add_argument('--csv-separator', default='\t')
+    g.add_argument('--train-num-samples', type=int, default=None, help='samples per epoch (needed for webdataset '
+                   'without --steps; synthetic: dataset size, default 100000)')
+    g.add_argument('--imagenet-val', default=None, help='ImageNet val folder (ImageFolder layout) for zero-shot')
+    g.add_argument('--zeroshot-folder', default=None, help='any ImageFolder; class name = folder name, _ as space')
+    g.add_argument('--workers', type=int, default=1, help='data loader processes per rank')
+    g = p.add_argument_group('training')
+    g.add_argument('--model', default='tiny', help='tiny, or an open_clip model name such as ViT-B-16')
+    g.add_argument('--batch-size', type=int, default=128, help='per process')
+    g.add_argument('--steps', type=int, default=None, help='default: 800 on synthetic data, else one pass over '
+                   '--train-num-samples')
+    g.add_argument('--warmup', type=int, default=None, help='linear warmup steps (default: 5%% of --steps)')
+    g.add_argument('--lr', type=float, default=None, help='peak learning rate (default: see the method group)')
+    g.add_argument('--wd', type=float, default=0.2, help='AdamW weight decay')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'], help='auto: bf16 on CUDA')
+    g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto: on for CUDA')
+    g = p.add_argument_group('output')
+    g.add_argument('--out', default=None, help='run folder (default: runs/<method>); an existing ckpt.pt resumes')
+    g.add_argument('--resume', default=None, help='checkpoint to resume from (default: <out>/ckpt.pt if present)')
+    g.add_argument('--eval-every', type=int, default=0, help='steps between evaluations (0: at the end only)')
+    g.add_argument('--log-every', type=int, default=10)
+    g.add_argument('--save-every', type=int, default=100, help='steps between checkpoints (and at the end)')
+    return p
+
+
+def check_args(args, method):
+    """Fills run-dependent defaults; raises ValueError on flags that cannot work together."""
+    args.out = args.out or os.path.join('runs', method)
+    args.dataset_type = data.resolve_dataset_type(args.train_data, args.dataset_type)
+    for name, least in (('batch_size', 1), ('log_every', 1), ('save_every', 1), ('workers', 0), ('eval_every', 0)):
+        if getattr(args, name) < least:
+            raise ValueError(f'--{name.replace("_", "-")} must be at least {least}')
+    if args.resume and not os.path.isfile(args.resume):
+        raise ValueError(f'--resume {args.resume} does not exist')
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Distributed: torchrun's environment means distributed; NCCL on CUDA, gloo on CPU; plain python is world 1.
+
+
+def init_distributed():
+    """Returns (rank, world, device)."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+        if torch.cuda.is_available():
+            device = torch.device('cuda', local)
+            torch.cuda.set_device(device)
+            dist.init_process_group('nccl', device_id=device)
+        else:
+            device = torch.device('cpu')
+            dist.init_process_group('gloo')
+        return rank, world, device
+    return 0, 1, torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for each slice and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(world_size())[rank()]
+
+
+def gather(x):
+    """(B, ...) on each rank -> (world * B, ...), rank-major; the gradient flows back to the rank that made each row."""
+    return _GatherWithGrad.apply(x) if world_size() > 1 else x
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE over the global batch (CLIP, Radford et al. 2021): this rank's rows against all ranks' columns,
+    labels arange(B) + B * rank. Gradients under DDP equal one process on the concatenated batch."""
+    image_features, text_features = image_features.float(), text_features.float()
+    B = image_features.shape[0]
+    labels = torch.arange(B, device=image_features.device) + B * rank()
+    logits_per_image = logit_scale * image_features @ gather(text_features).T  # (B, world * B)
+    logits_per_text = logit_scale * text_features @ gather(image_features).T  # (B, world * B)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def any_rank(*flags):
+    """Bools on this rank -> list of bools that are True if True on any rank (one small collective)."""
+    t = torch.tensor([float(f) for f in flags], device='cuda' if dist.is_initialized() and dist.get_backend() == 'nccl' else 'cpu')
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def step_generator(device, seed, rank, step):
+    """A generator on `device` for a step's random masks: a pure function of (seed, rank, step), so resume is exact."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, schedule, precision.
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norm scales, class/position embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith('positional_embedding') else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def lr_at(step, total, warmup, lr, min_lr=0.0):
+    """Linear warmup over `warmup` steps, then cosine from lr to min_lr at `total` (step counts from 0)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def autocast(device, precision):
+    """bf16 autocast when asked ('auto' means bf16 on CUDA); fp32 otherwise."""
+    if precision == 'bf16' or (precision == 'auto' and device.type == 'cuda'):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def maybe_compile(model, mode, device):
+    """--compile auto: on for CUDA, off for CPU (where it only costs start-up time)."""
+    return torch.compile(model) if mode == 'on' or (mode == 'auto' and device.type == 'cuda') else model
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, signals, logging.
+
+
+def save_checkpoint(path, state):
+    """Rank 0 writes a temp file, flushes it to disk, then renames: a kill mid-write leaves the old file intact."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise ValueError(f'cannot read checkpoint {path}: {err}') from None
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+class Logger:
+    """Rank 0 appends one JSON object per record to log.jsonl. On resume, records past the checkpoint are dropped,
+    so the log reads as one uninterrupted run."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path if rank() == 0 else None
+        if self.path and os.path.exists(path):
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+            keep = [r for r in records if resume_step is not None and r.get('step', 0) <= resume_step]
+            with open(path, 'w') as f:
+                f.writelines(json.dumps(r) + '\n' for r in keep)
+
+    def log(self, record):
+        if self.path:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+
+
+class Throughput:
+    def __init__(self):
+        self.t, self.n = time.perf_counter(), 0
+
+    def add(self, n):
+        self.n += n
+
+    def rate(self):
+        now = time.perf_counter()
+        r, self.t, self.n = self.n / max(now - self.t, 1e-9), now, 0
+        return r
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit code 2, no traceback."""
+    print(f'error: {msg}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: zero-shot classification (open_clip's classifier builder) and image<->text retrieval.
+
+
+@torch.no_grad()
+def zeroshot_accuracy(model, tokenizer, task, device, amp):
+    """task: dict(classnames, templates, and images+labels tensors or a loader of (images, labels)) -> top-1."""
+    with amp:
+        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, task['classnames'], task['templates'],
+                                                          num_classes_per_batch=None, device=device)
+    batches = task.get('loader') or zip(task['images'].split(256), task['labels'].split(256))
+    correct = total = 0
+    for images, labels in batches:
+        with amp:
+            features = model.encode_image(images.to(device), normalize=True)
+        correct += (features.float() @ classifier.float()).argmax(dim=1).eq(labels.to(device)).sum().item()
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def retrieval_recall(model, tokenizer, images, captions, device, amp, ks=(1, 5)):
+    """Image->text and text->image recall@k for paired (images[i], captions[i])."""
+    with amp:
+        img = torch.cat([model.encode_image(x.to(device), normalize=True) for x in images.split(256)]).float()
+        txt = torch.cat([model.encode_text(tokenizer(captions[i:i + 256]).to(device), normalize=True)
+                         for i in range(0, len(captions), 256)]).float()
+    sim = img @ txt.T  # (N, N), true pairs on the diagonal
+    target = torch.arange(len(captions), device=device)
+    out = {}
+    for name, s in (('image_to_text', sim), ('text_to_image', sim.T)):
+        rank_of_true = (s > s[target, target].unsqueeze(1)).sum(dim=1)  # how many beat the true match
+        for k in ks:
+            out[f'retrieval/{name}_R@{k}'] = (rank_of_true < k).float().mean().item()
+    return out
+
+
+def evaluate(model, tokenizer, tasks, retrieval, device, amp):
+    """All evaluations on rank 0 -> {'zeroshot/<task>': acc, 'retrieval/<metric>': recall}."""
+    was_training = model.training
+    model.eval()
+    out = {f'zeroshot/{name}': zeroshot_accuracy(model, tokenizer, task, device, amp) for name, task in tasks.items()}
+    if retrieval is not None:
+        out.update(retrieval_recall(model, tokenizer, retrieval['images'], retrieval['captions'], device, amp))
+    model.train(was_training)
+    return out
+
+
+def chance_levels(tasks, retrieval):
+    out = {f'zeroshot/{name}': 1 / len(task['classnames']) for name, task in tasks.items()}
+    if retrieval is not None:
+        n = len(retrieval['captions'])
+        out.update({f'retrieval/{d}_R@{k}': min(1.0, k / n) for d in ('image_to_text', 'text_to_image') for k in (1, 5)})
+    return out
+
+
+def print_results(results, chance):
+    print0(f"{'metric':<34} {'ours':>8} {'chance':>8} {'x chance':>9}")
+    for k, v in results.items():
+        c = chance.get(k)
+        print0(f'{k:<34} {v:8.4f} {c:8.4f} {v / c:9.1f}' if c else f'{k:<34} {v:8.4f}')
+
+
+# -----------------------------------------------------------------------------
+# Export: an open_clip `local-dir:` folder, loadable with open_clip.create_model_and_transforms('local-dir:PATH').
+
+
+def export_open_clip(model, cfg, path):
+    os.makedirs(path, exist_ok=True)
+    preprocess = {'size': cfg['vision_cfg']['image_size'], 'mean': list(OPENAI_DATASET_MEAN),
+                  'std': list(OPENAI_DATASET_STD), 'interpolation': 'bicubic', 'resize_mode': 'shortest'}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = os.path.join(path, 'open_clip_pytorch_model.bin.tmp')
+    torch.save(weights, tmp)
+    os.replace(tmp, os.path.join(path, 'open_clip_pytorch_model.bin'))
+    tmp = os.path.join(path, 'open_clip_config.json.tmp')
+    with open(tmp, 'w') as f:
+        json.dump({'model_cfg': cfg, 'preprocess_cfg': preprocess}, f, indent=2)
+    os.replace(tmp, os.path.join(path, 'open_clip_config.json'))

@@ -1,0 +1,229 @@
+"""FLIP: Scaling Language-Image Pre-training via Masking (Li, Fan, Hu, Feichtenhofer, He; arXiv 2212.00794).
+
+What this file implements
+- CLIP trained with a large random fraction of image patches removed before the image encoder (Sec. 3): per sample,
+  noise ~ U(0, 1) over the L patches, keep the int(L * (1 - r)) patches with the smallest noise (MAE's masking,
+  uniform, not block-wise). The position embedding is added before the drop, CLS is always kept, there are no
+  [MASK] tokens, no decoder and no reconstruction loss. r = 0.5 by default, 0.75 supported, r = 0 is CLIP.
+- The symmetric InfoNCE loss over the global batch (common.clip_loss: local rows against gathered columns).
+- Evaluation sees the full, unmasked image.
+- Unmasked tuning (Sec. 3, "Unmasked tuning"): after the masked steps, --unmasked-tuning-steps more steps at r = 0
+  with a fresh optimizer state and a 100x lower learning rate (the paper uses ~1% of training; default 0 here).
+- The paper's optimiser: AdamW, betas (0.9, 0.95), wd 0.2 (none on biases, norms, position embeddings, logit
+  scale), linear warmup then cosine decay to 0, lr = 4e-6 x global batch / 256, RandomResizedCrop area (0.5, 1)
+  and horizontal flip on real data.
+
+Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 800 steps of 128,
+lr 1e-3 (the paper's rule would give 2e-6 at this batch, far too small for a tiny model from scratch in minutes), and
+no crop or flip on the synthetic data, whose captions name positions ("on the left").
+
+Where this follows OpenCLIP's architecture rather than the JAX code, so the result is a standard open_clip model:
+OpenAI's BPE tokenizer and causal text tower pooled at the end-of-text token (the paper: BERT WordPiece,
+bidirectional, first-token pooling, length 32 -- text-side choices it reports as marginal); learned position
+embeddings (paper: fixed 2-D sin-cos); ln_pre present; CLS pooling (the official code averages all output tokens
+including CLS). Each keeps the export loadable by `open_clip.create_model_and_transforms('local-dir:...')`.
+
+Launch
+    python flip.py                                   # CPU, synthetic data, ~5 minutes, results in runs/flip/
+    python flip.py --mask-ratio 0 --out runs/clip    # the CLIP baseline
+    torchrun --nproc_per_node=8 flip.py --model ViT-B-16 --train-data '/data/laion/{00000..41455}.tar' \\
+        --train-num-samples 400000000 --imagenet-val /data/imagenet/val --batch-size 256 --workers 8
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torchvision.transforms as T
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+import common
+import data
+
+# ----------------------------------------------------------------------------- args
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    g = p.add_argument_group('FLIP')
+    g.add_argument('--mask-ratio', type=float, default=0.5, help='fraction of patches removed (0 = CLIP)')
+    g.add_argument('--unmasked-tuning-steps', type=int, default=0, help='steps at mask ratio 0 after --steps, '
+                   'fresh optimizer, lr / 100 (paper: ~1%% of training)')
+    args = p.parse_args(argv)
+    if not 0 <= args.mask_ratio < 1:
+        raise ValueError('--mask-ratio must be in [0, 1)')
+    if args.unmasked_tuning_steps < 0:
+        raise ValueError('--unmasked-tuning-steps must be >= 0')
+    return common.check_args(args, 'flip')
+
+
+def default_lr(args, global_batch):
+    """The paper's rule, lr = 4e-6 x global batch / 256; 1e-3 for the tiny model on the synthetic data."""
+    return 1e-3 if args.model == 'tiny' else 4e-6 * global_batch / 256
+
+# ----------------------------------------------------------------------------- method: masking
+
+
+def random_masking(batch, num_patches, mask_ratio, generator):
+    """FLIP's (= MAE's) per-sample uniform masking. Returns ids_keep (B, K), K = int(L * (1 - r)), the kept patch
+    indices in [0, L); noise is drawn on the generator's device."""
+    noise = torch.rand(batch, num_patches, device=generator.device, generator=generator)  # (B, L)
+    return noise.argsort(dim=1)[:, :int(num_patches * (1 - mask_ratio))]  # (B, K)
+
+# ----------------------------------------------------------------------------- data
+
+
+def transforms(args, cfg):
+    size = cfg['vision_cfg']['image_size']
+    evaluate = open_clip.image_transform(size, is_train=False)
+    if args.dataset_type == 'synthetic':
+        return evaluate, evaluate  # captions name positions: no crop, no flip
+    train = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+    return train, evaluate
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    try:
+        args = get_args(argv)
+        cfg = common.model_config(args.model)
+    except ValueError as err:
+        common.fail(err)
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(args.seed)  # the same initialisation on every rank
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, 'ckpt.pt')
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    amp = common.autocast(device, args.precision)
+
+    # model: `model` is saved, evaluated and exported; `train_model` (compiled, DDP) runs the training forward
+    model = common.CLIP(cfg).to(device)
+    train_model = common.maybe_compile(model, args.compile, device)
+    if world > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    tokenizer = common.tokenizer_for(cfg)
+    num_patches = model.visual.num_patches
+
+    # resume
+    state = None
+    if resume:
+        try:
+            state = common.load_checkpoint(resume)
+            model.load_state_dict(state['model'], strict=True)
+        except (ValueError, RuntimeError, KeyError) as err:
+            common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
+    start = state['step'] if state else 0
+
+    # data
+    train_tf, eval_tf = transforms(args, cfg)
+    try:
+        loader, num_samples = data.train_loader(args, train_tf, tokenizer, cfg['vision_cfg']['image_size'], rank, world, start)
+        tasks, retrieval = data.eval_sets(args, eval_tf, cfg['vision_cfg']['image_size'])
+    except data.DataError as err:
+        common.fail(err)
+    global_batch = args.batch_size * world
+    if args.steps is None:
+        if num_samples is None:
+            common.fail('--train-data as webdataset needs --train-num-samples or --steps')
+        args.steps = 800 if args.dataset_type == 'synthetic' \
+            else max(1, num_samples // global_batch)
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    args.lr = args.lr or default_lr(args, global_batch)
+    total = args.steps + args.unmasked_tuning_steps
+    if rank == 0:
+        with open(os.path.join(args.out, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=2)
+
+    # optimizer and schedule; unmasked tuning starts from a fresh optimizer state at step args.steps
+    def make_optimizer():
+        return torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95))
+
+    def lr_at(step):
+        if step < args.steps:
+            return common.lr_at(step, args.steps, args.warmup, args.lr)
+        return common.lr_at(step - args.steps, args.unmasked_tuning_steps, 0, args.lr / 100)
+
+    optimizer = make_optimizer()
+    if state:
+        optimizer.load_state_dict(state['optimizer'])
+        torch.set_rng_state(state['rng'])
+
+    def checkpoint(step):
+        if rank == 0:
+            common.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                               'step': step, 'rng': torch.get_rng_state(), 'args': vars(args)})
+
+    # loop
+    logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)
+    stop = common.StopSignal()
+    common.print0(f'FLIP: {args.model}, mask ratio {args.mask_ratio}, {total} steps of {global_batch} '
+                  f'({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
+    meter, skipped, step = common.Throughput(), 0, start
+    bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
+    batches = iter(loader)
+    while step < total:
+        images, texts, n_skipped = next(batches)
+        if step == args.steps and args.unmasked_tuning_steps:
+            optimizer = make_optimizer()  # unmasked tuning: fresh optimizer state (also right after a resume here)
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+        mask_ratio = args.mask_ratio if step < args.steps else 0.0
+        ids_keep = None
+        if mask_ratio > 0:
+            ids_keep = random_masking(images.shape[0], num_patches, mask_ratio, common.step_generator(device, args.seed, rank, step))
+        with amp:
+            image_features, text_features, logit_scale = train_model(images, texts, ids_keep)
+        loss = common.clip_loss(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
+        if nonfinite:
+            common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
+                          f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
+            common.cleanup()
+            sys.exit(1)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        skipped += n_skipped
+        meter.add(global_batch)
+        bar.update(1)
+        if step % args.log_every == 0 or step == total:
+            record = {'step': step, 'loss': loss.item(), 'lr': lr, 'logit_scale': logit_scale.item(),
+                      'mask_ratio': mask_ratio, 'samples_per_sec': meter.rate(), 'skipped': skipped}
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
+        if args.eval_every and step % args.eval_every == 0 and step < total and rank == 0:
+            logger.log({'step': step, **common.evaluate(model, tokenizer, tasks, retrieval, device, amp)})
+        if step % args.save_every == 0 or step == total or stopping:
+            checkpoint(step)
+        if stopping:
+            common.print0(f'stopped by signal at step {step}; checkpoint saved to {ckpt_path}, rerun to resume')
+            break
+    bar.close()
+
+    # cleanup: final evaluation and export (rank 0)
+    if step == total and rank == 0:
+        results = common.evaluate(model, tokenizer, tasks, retrieval, device, amp)
+        logger.log({'step': step, **results})
+        common.print_results(results, common.chance_levels(tasks, retrieval))
+        common.export_open_clip(model, cfg, os.path.join(args.out, 'open_clip'))
+        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+    common.cleanup()
+    return step
+
+
+if __name__ == '__main__':
+    main()
