@@ -341,6 +341,14 @@ def any_rank(*flags):
     return [bool(x) for x in t.tolist()]
 
 
+def mean_over_ranks(x):
+    """A scalar tensor averaged over ranks, as a float (for logging: the loss of the global batch)."""
+    x = x.detach().float().clone()
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x.item() / world_size()
+
+
 def step_generator(device, seed, rank, step):
     """A generator on `device` for a step's random masks: a pure function of (seed, rank, step), so resume is exact."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)

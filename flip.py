@@ -201,7 +201,7 @@ def main(argv=None):
         meter.add(global_batch)
         bar.update(1)
         if step % args.log_every == 0 or step == total:
-            record = {'step': step, 'loss': loss.item(), 'lr': lr, 'logit_scale': logit_scale.item(),
+            record = {'step': step, 'loss': common.mean_over_ranks(loss), 'lr': lr, 'logit_scale': logit_scale.item(),
                       'mask_ratio': mask_ratio, 'samples_per_sec': meter.rate(), 'skipped': skipped}
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
