@@ -183,9 +183,10 @@ class CLIP(nn.Module):
         return (self.encode_image(image, True, ids_keep), self.encode_text(text, True), self.logit_scale.exp())
 
 
-# the CPU default: 64 px images in 8x8 patches (64 tokens), small enough to learn in minutes on 2 cores
+# the CPU default: 64 px images in 8x8 patches (64 tokens), small enough to learn in minutes on 2 cores; image
+# embedding from the mean of the patch tokens (open_clip's 'avg'; FLIP's official code also mean-pools)
 TINY = {'embed_dim': 128,
-        'vision_cfg': {'image_size': 64, 'layers': 4, 'width': 128, 'head_width': 32, 'patch_size': 8},
+        'vision_cfg': {'image_size': 64, 'layers': 4, 'width': 128, 'head_width': 32, 'patch_size': 8, 'pool_type': 'avg'},
         'text_cfg': {'context_length': 32, 'vocab_size': 49408, 'width': 128, 'heads': 4, 'layers': 3}}
 
 # open_clip config keys this compact model implements; anything else with a non-default value is refused

@@ -38,7 +38,7 @@ POSITIONS = ['top left', 'top', 'top right', 'left', 'center', 'right', 'bottom 
 WHERE = {'top left': 'in the top left', 'top': 'at the top', 'top right': 'in the top right',
          'left': 'on the left', 'center': 'in the center', 'right': 'on the right',
          'bottom left': 'in the bottom left', 'bottom': 'at the bottom', 'bottom right': 'in the bottom right'}
-SIZES = {'small': 0.1, 'large': 0.16}  # object radius as a fraction of the image side
+SIZES = {'small': 0.12, 'large': 0.18}  # object radius as a fraction of the image side
 SIZE_WORDS = {'small': ['small', 'little', 'tiny'], 'large': ['large', 'big', 'huge']}
 TEMPLATES = ['a {size} {colour} {shape} {where}', 'a photo of a {colour} {shape} {where}',
              '{where}, a {size} {colour} {shape}', 'there is a {size} {colour} {shape} {where}',

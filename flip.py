@@ -20,7 +20,8 @@ no crop or flip on the synthetic data, whose captions name positions ("on the le
 Where this follows OpenCLIP's architecture rather than the JAX code, so the result is a standard open_clip model:
 OpenAI's BPE tokenizer and causal text tower pooled at the end-of-text token (the paper: BERT WordPiece,
 bidirectional, first-token pooling, length 32 -- text-side choices it reports as marginal); learned position
-embeddings (paper: fixed 2-D sin-cos); ln_pre present; CLS pooling (the official code averages all output tokens
+embeddings (paper: fixed 2-D sin-cos); ln_pre present; pooling as the open_clip config says: CLS for open_clip's
+ViT configs, the mean of the patch tokens ('avg') for `tiny` (the official code averages all output tokens
 including CLS). Each keeps the export loadable by `open_clip.create_model_and_transforms('local-dir:...')`.
 
 Launch
