@@ -1,0 +1,464 @@
+"""MaskCLIP: Masked Self-Distillation Advances Contrastive Language-Image Pretraining (Dong, Bao, Zheng, Zhang, Chen,
+Yang, Zeng, Zhang, Yuan, Chen, Wen, Yu; CVPR 2023; arXiv 2208.12262).
+
+Not Zhou et al.'s training-free segmentation "MaskCLIP" (ECCV 2022), nor Ding et al.'s open-vocabulary segmentation
+"MaskCLIP" (ICML 2023). The authors' repository (LightDXY/MaskCLIP) holds a README only; no public implementation of
+this paper exists, so everything below the paper's description is a reconstruction, and says so.
+
+What this file implements, from the paper ([abstract]: its abstract; [3rd]: third-party summaries of the full text)
+- CLIP's symmetric InfoNCE over the global batch (common.clip_loss) [abstract], here on the full image and caption.
+- Masked self-distillation: the representation of the full image is distilled into the representation the student
+  predicts from a masked image, at local patch level [abstract]; the full image goes through an EMA ("mean") teacher
+  and a small decoder makes the prediction, so that distillation does not fight the contrastive objective [3rd].
+- Targets from an online tokenizer, a softmax over learned prototypes, with cross-entropy [3rd] (which beat
+  regression in the paper's ablation); regression of normalised features is the alternative.
+- Local semantic supervision in the text branch [abstract]: masked language modelling with its own small decoder
+  [3rd]. One stage: loss = L_clip + lambda_img * L_distill + lambda_txt * L_mlm, small lambdas [3rd].
+
+Reconstructed (not recoverable from public material), each a flag
+- --clip-view full: the CLIP term sees the full image and the distillation a second, masked student pass; 'masked'
+  takes the CLIP embedding from the masked pass instead (FLIP-style): one full image pass less per step.
+- --mask-ratio 0.75 --mask-type random: the student drops the masked patches (MAE/FLIP token removal, so its pass
+  costs a quarter of a full one); 'block' masks BEiT-style random rectangles instead.
+- --decoder-depth 1: the image decoder is MAE's (a linear map to half the encoder width, a learned [MASK] token at each
+  dropped position, its own position embedding, blocks, LayerNorm, a linear map back to the encoder width); the
+  text decoder is blocks and a LayerNorm at the text width.
+- --target ce: iBOT's online tokenizer. A head (MLP -> L2-normalised 256-d bottleneck -> cosine to --prototypes
+  learned prototypes) maps the student's predictions and, as its EMA, the teacher's patch tokens to logits; target
+  softmax((t - centre) / --teacher-temp 0.04), prediction log_softmax(s / --student-temp 0.1), cross-entropy per
+  masked patch. The centre is an EMA (momentum 0.9) of the teacher logits' batch mean, all-reduced across ranks and
+  checkpointed. --target mse: squared distance of the L2-normalised prediction and teacher patch token.
+- --ema-momentum 0.996, cosine to 1 (BYOL/DINO): the teacher is the EMA of the image tower and the tokenizer head and
+  gets no gradients; evaluation and export use the student.
+- --text-mask-ratio 0.15 (BERT): per caption, round(0.15 x its word tokens), at least one, become [MASK]; start and
+  end of text and padding never do; no 80/10/10 split. [MASK] is the existing id 49405 ('jekyll</w>', the last, rarest
+  BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never moves. The masked caption runs
+  through the text tower bidirectionally (`text_tokens(causal=False)`); the decoder's outputs at the masked positions
+  are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are scored).
+- --lambda-img 0.1 --lambda-txt 0.1; with both 0 the step is exactly flip.py's CLIP step (--mask-ratio 0): no teacher,
+  no decoders, the same optimiser (AdamW, betas 0.9/0.95).
+- The learning rate, 5e-4 x global batch / 4096 (SLIP's YFCC-15M setting, which the paper compares against).
+
+Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 200 steps of 128 (a
+step costs ~3.3 of flip.py's, so ~4.5 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip
+on the synthetic data.
+
+Cost against a CLIP step on the same batch (the paper's only figure, via A-CLIP's table: 1.56x on ViT-B/16).
+--clip-view full adds a quarter-length student pass, a forward-only teacher pass, a second (bidirectional) text pass,
+the decoders, the prototype head and the vocabulary scores; 'masked' drops the full image pass. Measured as CPU time
+per step, one thread, steps interleaved, median ratio:
+    ViT-B/16, 224 px, batch 4:  full 1.69x   masked 1.01x   masked with --mask-ratio 0.5 1.21x
+    tiny, batch 128:            full 2.18x   masked 1.46x   (its text tower weighs more against its image tower)
+
+Launch
+    python maskclip.py                                   # CPU, synthetic data, results in runs/maskclip/
+    python maskclip.py --lambda-img 0 --lambda-txt 0     # the CLIP baseline (= flip.py --mask-ratio 0)
+    python maskclip.py --model ViT-B-16 --train-data '/data/yfcc15m/{00000..01499}.tar' --train-num-samples 15000000 \\
+        --imagenet-val /data/imagenet/val --batch-size 256 --workers 8     # one GPU
+    torchrun --nproc_per_node=8 maskclip.py --model ViT-B-16 --train-data '/data/yfcc15m/{00000..01499}.tar' \\
+        --train-num-samples 15000000 --steps 91552 --imagenet-val /data/imagenet/val --batch-size 512 --workers 8
+        # 25 epochs of YFCC-15M at a global batch of 4096, the paper's setting
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+import common
+import data
+
+SOT, EOT, PAD = 49406, 49407, 0  # open_clip's SimpleTokenizer: start/end of text, padding
+MASK_ID = 49405  # [MASK]: an existing, rarely used token (the last BPE merge), below EOT
+
+# ----------------------------------------------------------------------------- args
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p)
+    g = p.add_argument_group('MaskCLIP')
+    g.add_argument('--lambda-img', type=float, default=0.1, help='weight of masked self-distillation (0: off)')
+    g.add_argument('--lambda-txt', type=float, default=0.1, help='weight of masked language modelling (0: off)')
+    g.add_argument('--mask-ratio', type=float, default=0.75, help='fraction of patches the student does not see')
+    g.add_argument('--mask-type', default='random', choices=['random', 'block'], help='uniform or BEiT-style blocks')
+    g.add_argument('--decoder-depth', type=int, default=1, help='blocks in each of the two decoders')
+    g.add_argument('--target', default='ce', choices=['ce', 'mse'], help='online tokenizer + cross-entropy, or '
+                   'regression of L2-normalised teacher features')
+    g.add_argument('--prototypes', type=int, default=None, help='online tokenizer size (default: 8192 as iBOT, '
+                   '256 for the tiny model)')
+    g.add_argument('--teacher-temp', type=float, default=0.04)
+    g.add_argument('--student-temp', type=float, default=0.1)
+    g.add_argument('--ema-momentum', type=float, default=0.996, help='teacher momentum at step 0, cosine to 1')
+    g.add_argument('--text-mask-ratio', type=float, default=0.15, help='fraction of caption tokens masked for MLM')
+    g.add_argument('--clip-view', default='full', choices=['full', 'masked'], help='image of the CLIP term: the full '
+                   'image (a second student pass), or the masked pass the decoder uses (FLIP-style, cheaper; '
+                   'with --lambda-img > 0)')
+    args = p.parse_args(argv)
+    args.prototypes = args.prototypes or (256 if args.model == 'tiny' else 8192)
+    if args.lambda_img < 0 or args.lambda_txt < 0:
+        raise ValueError('--lambda-img and --lambda-txt must be >= 0')
+    if not 0 < args.mask_ratio < 1 or not 0 < args.text_mask_ratio <= 1:
+        raise ValueError('--mask-ratio must be in (0, 1) and --text-mask-ratio in (0, 1]')
+    if args.decoder_depth < 1 or args.prototypes < 1 or args.teacher_temp <= 0 or args.student_temp <= 0:
+        raise ValueError('--decoder-depth, --prototypes, --teacher-temp and --student-temp must be positive')
+    if not 0 <= args.ema_momentum <= 1:
+        raise ValueError('--ema-momentum must be in [0, 1]')
+    return common.check_args(args, 'maskclip')
+
+
+def default_lr(args, global_batch):
+    """5e-4 x global batch / 4096 [recon]; 1e-3 for the tiny model on the synthetic data (as flip.py)."""
+    return 1e-3 if args.model == 'tiny' else 5e-4 * global_batch / 4096
+
+# ----------------------------------------------------------------------------- method: masking
+
+
+def patch_masking(batch, grid, mask_ratio, generator, block=False, blocks=4):
+    """Returns ids_keep (B, K) and ids_mask (B, M): per sample a partition of the L = H * W patch indices, with
+    K = int(L * (1 - r)) kept (what the student encodes) and M = L - K masked (what the decoder predicts).
+    random: MAE's uniform masking, keep the K smallest of uniform noise (flip.random_masking's ids_keep).
+    block: BEiT-style, vectorised: `blocks` random rectangles per sample (area M / blocks x U(0.5, 1.5), aspect ratio
+    log-uniform in [0.3, 1/0.3]); covered patches are masked first and the noise makes the count exactly M."""
+    H, W = grid
+    L, dev = H * W, generator.device
+    K = int(L * (1 - mask_ratio))
+    score = torch.rand(batch, L, device=dev, generator=generator)  # (B, L), in [0, 1)
+    if block:
+        u = torch.rand(4, batch, blocks, 1, 1, device=dev, generator=generator)
+        area = (L - K) / blocks * (0.5 + u[0])  # (B, blocks, 1, 1)
+        aspect = torch.exp(math.log(0.3) * (2 * u[1] - 1))
+        h, w = (area * aspect).sqrt().round().clamp(1, H), (area / aspect).sqrt().round().clamp(1, W)
+        top, left = (u[2] * (H - h + 1)).floor(), (u[3] * (W - w + 1)).floor()
+        rows, cols = torch.arange(H, device=dev).view(H, 1), torch.arange(W, device=dev).view(1, W)
+        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, blocks, H, W)
+        score = score + inside.any(dim=1).flatten(1)  # (B, L): covered patches score in [1, 2), sort last
+    ids = score.argsort(dim=1)  # (B, L), ascending: kept first
+    return ids[:, :K], ids[:, K:]
+
+
+def text_masking(texts, mask_ratio, generator):
+    """BERT-style masking for MLM. texts (B, T) ids -> masked texts (B, T), is_masked (B, T) bool. Per caption,
+    max(1, round(r * n)) of its n word tokens become MASK_ID, chosen by noise; SOT, EOT and padding never do."""
+    words = (texts != SOT) & (texts != EOT) & (texts != PAD)  # (B, T)
+    noise = torch.rand(texts.shape, device=generator.device, generator=generator).masked_fill(~words, 2.0)
+    n = (words.sum(dim=1, keepdim=True) * mask_ratio).round().clamp(min=1)  # (B, 1)
+    order = noise.argsort(dim=1).argsort(dim=1)  # (B, T): each token's rank in its caption's noise
+    is_masked = (order < n) & words
+    return texts.masked_fill(is_masked, MASK_ID), is_masked
+
+# ----------------------------------------------------------------------------- method: model and heads
+
+
+class ImageDecoder(nn.Module):
+    """MAE's decoder, small: student tokens (B, 1 + K, width) -> predictions at the M masked positions (B, M, width)."""
+
+    def __init__(self, visual, depth):
+        super().__init__()
+        width, heads = visual.transformer.width, visual.transformer.resblocks[0].attn.heads
+        dim = width // 2
+        self.embed = nn.Linear(width, dim)
+        self.mask_token = nn.Parameter(0.02 * torch.randn(dim))
+        self.positional_embedding = nn.Parameter(0.02 * torch.randn(visual.num_patches + 1, dim))
+        self.transformer = common.Transformer(dim, depth, heads, 4.0, nn.GELU)
+        self.transformer.init_weights()
+        self.ln = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, width)
+
+    def forward(self, tokens, ids_keep, ids_mask):
+        x = self.embed(tokens)  # (B, 1 + K, dim)
+        B, D, L = x.shape[0], x.shape[2], ids_keep.shape[1] + ids_mask.shape[1]
+        patches = self.mask_token.to(x.dtype).expand(B, L, D)  # (B, L, dim): [MASK] everywhere ...
+        patches = patches.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), x[:, 1:])  # ... but the kept patches
+        x = torch.cat([x[:, :1], patches], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + L, dim)
+        x = self.ln(self.transformer(x))
+        x = torch.gather(x[:, 1:], 1, ids_mask.unsqueeze(-1).expand(-1, -1, D))  # (B, M, dim)
+        return self.pred(x)  # (B, M, width)
+
+
+class PrototypeHead(nn.Module):
+    """The online tokenizer (iBOT's head, smaller MLP): (..., width) -> cosine logits to K prototypes (..., K)."""
+
+    def __init__(self, width, prototypes, bottleneck=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, bottleneck))
+        self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck))
+
+    def forward(self, x):
+        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T  # in [-1, 1]
+
+
+class TextDecoder(nn.Module):
+    """MLM's own decoder on the bidirectional text tokens; its output is scored against the token embeddings."""
+
+    def __init__(self, width, heads, depth):
+        super().__init__()
+        self.transformer = common.Transformer(width, depth, heads, 4.0, nn.GELU)
+        self.transformer.init_weights()
+        self.ln = nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.ln(self.transformer(x))  # (B, T, width)
+
+
+class MaskCLIP(nn.Module):
+    """The student: `clip` (common.CLIP, exported) plus the two decoders and the tokenizer head (trained, not exported).
+    With a weight at 0 its branch is not built, so lambda_img = lambda_txt = 0 is exactly CLIP."""
+
+    def __init__(self, cfg, args):
+        super().__init__()
+        self.clip = common.CLIP(cfg)  # built first: the same initialisation as flip.py for the same seed
+        v, t = self.clip.visual, self.clip.transformer
+        self.img_decoder = ImageDecoder(v, args.decoder_depth) if args.lambda_img > 0 else None
+        ce = args.lambda_img > 0 and args.target == 'ce'
+        self.head = PrototypeHead(v.transformer.width, args.prototypes) if ce else nn.Identity()
+        self.txt_decoder = None
+        if args.lambda_txt > 0:
+            self.txt_decoder = TextDecoder(t.width, t.resblocks[0].attn.heads, args.decoder_depth)
+        self.clip_on_masked = args.clip_view == 'masked'
+
+    def distilled(self):
+        """What the EMA teacher copies: the image tower and the tokenizer head (same structure, same order)."""
+        return nn.ModuleDict({'visual': self.clip.visual, 'head': self.head})
+
+    def forward(self, images, texts, ids_keep=None, ids_mask=None, masked_texts=None):
+        pred = hidden = None
+        if ids_keep is not None:
+            tokens = self.clip.visual.forward_tokens(images, ids_keep)  # (B, 1 + K, width): the masked pass
+            pred = self.head(self.img_decoder(tokens, ids_keep, ids_mask))  # (B, M, prototypes) or (B, M, width)
+        if ids_keep is not None and self.clip_on_masked:  # --clip-view masked: one image pass, as FLIP
+            image_features = F.normalize(self.clip.visual.pool(tokens) @ self.clip.visual.proj, dim=-1)
+        else:
+            image_features = self.clip.encode_image(images, normalize=True)  # the full image
+        text_features, logit_scale = self.clip.encode_text(texts, normalize=True), self.clip.logit_scale.exp()
+        if masked_texts is not None:
+            hidden = self.txt_decoder(self.clip.text_tokens(masked_texts, causal=False))  # (B, T, width)
+        return image_features, text_features, logit_scale, pred, hidden
+
+
+@torch.no_grad()
+def teacher_targets(teacher, images, ids_mask):
+    """The EMA teacher on the full image, at the masked positions: (B, M, prototypes) logits or (B, M, width)."""
+    tokens = teacher['visual'].forward_tokens(images)[:, 1:]  # (B, L, width), patches in grid order
+    tokens = torch.gather(tokens, 1, ids_mask.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, M, width)
+    return teacher['head'](tokens)
+
+
+def ema_momentum(step, total, base):
+    """BYOL/DINO's cosine schedule: `base` at step 0, rising to 1 at `total`."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach(), 1 - momentum)  # t = m * t + (1 - m) * s
+
+# ----------------------------------------------------------------------------- method: loss
+
+
+def distill_loss(pred, target, center, args):
+    """Masked self-distillation, averaged over the B * M masked patches. ce: H(softmax((t - c) / tau_t),
+    softmax(s / tau_s)) (iBOT's patch loss); mse: |s/|s| - t/|t||^2 = 2 - 2 cos."""
+    pred, target = pred.float(), target.float()
+    if args.target == 'mse':
+        return (F.normalize(pred, dim=-1) - F.normalize(target, dim=-1)).pow(2).sum(-1).mean()
+    p_teacher = F.softmax((target - center) / args.teacher_temp, dim=-1)  # (B, M, K)
+    return -(p_teacher * F.log_softmax(pred / args.student_temp, dim=-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_center(center, target, momentum=0.9):
+    """iBOT's centring: EMA of the teacher logits' mean, averaged over all ranks so every rank keeps the same centre."""
+    batch_center = target.float().mean(dim=(0, 1))  # (K,)
+    if common.world_size() > 1:
+        dist.all_reduce(batch_center)
+        batch_center /= common.world_size()
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+
+
+def mlm_loss(hidden, texts, is_masked, token_embedding):
+    """Cross-entropy over the vocabulary at the masked caption tokens; logits = hidden @ token_embedding.T (tied)."""
+    logits = hidden[is_masked].float() @ token_embedding.float().T  # (N masked, vocab)
+    return F.cross_entropy(logits, texts[is_masked])
+
+# ----------------------------------------------------------------------------- data
+
+
+def transforms(args, cfg):
+    size = cfg['vision_cfg']['image_size']
+    evaluate = open_clip.image_transform(size, is_train=False)
+    if args.dataset_type == 'synthetic':
+        return evaluate, evaluate  # captions name positions: no crop, no flip
+    train = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+    return train, evaluate
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    try:
+        args = get_args(argv)
+        cfg = common.model_config(args.model)
+    except ValueError as err:
+        common.fail(err)
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(args.seed)  # the same initialisation on every rank
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, 'ckpt.pt')
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    amp = common.autocast(device, args.precision)
+
+    # model: `model` (student + decoders) is saved and trained, `model.clip` evaluated and exported; `train_model`
+    # (compiled, DDP) runs the training forward; `teacher` (EMA of the image tower and tokenizer head) makes targets
+    model = MaskCLIP(cfg, args).to(device)
+    teacher = copy.deepcopy(model.distilled()).requires_grad_(False) if args.lambda_img > 0 else None
+    center = torch.zeros(args.prototypes, device=device)  # the online tokenizer's centre (--target ce)
+    train_model = common.maybe_compile(model, args.compile, device)
+    if world > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    tokenizer = common.tokenizer_for(cfg)
+    grid, num_patches = model.clip.visual.grid_size, model.clip.visual.num_patches
+    if args.lambda_img > 0 and int(num_patches * (1 - args.mask_ratio)) < 1:
+        common.fail(f'--mask-ratio {args.mask_ratio} keeps none of the {num_patches} patches')
+
+    # resume
+    state = None
+    if resume:
+        try:
+            state = common.load_checkpoint(resume)
+            model.load_state_dict(state['model'], strict=True)
+            if teacher is not None:
+                teacher.load_state_dict(state['teacher'], strict=True)
+                center.copy_(state['center'])
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:
+            common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
+    start = state['step'] if state else 0
+
+    # data
+    train_tf, eval_tf = transforms(args, cfg)
+    try:
+        loader, num_samples = data.train_loader(args, train_tf, tokenizer, cfg['vision_cfg']['image_size'], rank, world, start)
+        tasks, retrieval = data.eval_sets(args, eval_tf, cfg['vision_cfg']['image_size'])
+    except data.DataError as err:
+        common.fail(err)
+    global_batch = args.batch_size * world
+    if args.steps is None:
+        if num_samples is None:
+            common.fail('--train-data as webdataset needs --train-num-samples or --steps')
+        args.steps = 200 if args.dataset_type == 'synthetic' \
+            else max(1, num_samples // global_batch)
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    args.lr = args.lr or default_lr(args, global_batch)
+    if rank == 0:
+        with open(os.path.join(args.out, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=2)
+
+    # optimizer (flip.py's, so that lambda = 0 is its CLIP step exactly)
+    optimizer = torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95))
+    if state:
+        optimizer.load_state_dict(state['optimizer'])
+        torch.set_rng_state(state['rng'])
+
+    def checkpoint(step):
+        if rank == 0:
+            common.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                                               'teacher': teacher.state_dict() if teacher is not None else None,
+                                               'center': center, 'step': step, 'rng': torch.get_rng_state(),
+                                               'args': vars(args)})
+
+    # loop
+    logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)
+    stop = common.StopSignal()
+    weights = {'clip_loss': 1.0, 'distill_loss': args.lambda_img, 'mlm_loss': args.lambda_txt}
+    common.print0(f'MaskCLIP: {args.model}, lambda_img {args.lambda_img} ({args.target}, {args.mask_type} mask '
+                  f'{args.mask_ratio}), lambda_txt {args.lambda_txt}, {args.steps} steps of {global_batch} '
+                  f'({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
+    meter, skipped, step = common.Throughput(), 0, start
+    bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
+    batches = iter(loader)
+    while step < args.steps:
+        images, texts, n_skipped = next(batches)
+        lr = common.lr_at(step, args.steps, args.warmup, args.lr)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+        generator = common.step_generator(device, args.seed, rank, step)  # masks: a pure function of the step
+        ids_keep = ids_mask = masked_texts = None
+        if args.lambda_img > 0:
+            ids_keep, ids_mask = patch_masking(len(images), grid, args.mask_ratio, generator, args.mask_type == 'block')
+        if args.lambda_txt > 0:
+            masked_texts, is_masked = text_masking(texts, args.text_mask_ratio, generator)
+        with amp:
+            image_features, text_features, logit_scale, pred, hidden = train_model(images, texts, ids_keep, ids_mask,
+                                                                                   masked_texts)
+            target = teacher_targets(teacher, images, ids_mask) if teacher is not None else None
+        losses = {'clip_loss': common.clip_loss(image_features, text_features, logit_scale)}
+        if pred is not None:
+            losses['distill_loss'] = distill_loss(pred, target, center, args)
+        if hidden is not None:
+            losses['mlm_loss'] = mlm_loss(hidden, texts, is_masked, model.clip.token_embedding.weight)
+        loss = sum(weights[k] * v for k, v in losses.items())  # L_clip + lambda_img L_distill + lambda_txt L_mlm
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
+        if nonfinite:
+            common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
+                          f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
+            common.cleanup()
+            sys.exit(1)
+        optimizer.step()
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, math.log(100))
+        if teacher is not None:
+            momentum = ema_momentum(step, args.steps, args.ema_momentum)
+            ema_update(teacher, model.distilled(), momentum)
+            if args.target == 'ce':
+                update_center(center, target)
+        step += 1
+        skipped += n_skipped
+        meter.add(global_batch)
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            record = {'step': step, 'loss': common.mean_over_ranks(loss),
+                      **{k: common.mean_over_ranks(v) for k, v in losses.items()}, 'lr': lr,
+                      'logit_scale': logit_scale.item(), 'samples_per_sec': meter.rate(), 'skipped': skipped}
+            if teacher is not None:
+                record['momentum'] = momentum
+            logger.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps and rank == 0:
+            logger.log({'step': step, **common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)})
+        if step % args.save_every == 0 or step == args.steps or stopping:
+            checkpoint(step)
+        if stopping:
+            common.print0(f'stopped by signal at step {step}; checkpoint saved to {ckpt_path}, rerun to resume')
+            break
+    bar.close()
+
+    # cleanup: final evaluation and export of the student CLIP (rank 0)
+    if step == args.steps and rank == 0:
+        results = common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)
+        logger.log({'step': step, **results})
+        common.print_results(results, common.chance_levels(tasks, retrieval))
+        common.export_open_clip(model.clip, cfg, os.path.join(args.out, 'open_clip'))
+        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+    common.cleanup()
+    return step
+
+
+if __name__ == '__main__':
+    main()
