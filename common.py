@@ -265,6 +265,23 @@ def check_args(args, method):
     return args
 
 
+def finish_run_args(args, num_samples, world, synthetic_steps, default_lr):
+    """Fills the run-length defaults once the data is known: --steps (`synthetic_steps` on the embedded data, else
+    one pass over `num_samples`), --warmup (5% of --steps) and --lr (the method's `default_lr(args, global_batch)`);
+    rank 0 writes args.json. Returns the global batch size."""
+    global_batch = args.batch_size * world
+    if args.steps is None:
+        if num_samples is None:
+            fail('--train-data as webdataset needs --train-num-samples or --steps')
+        args.steps = synthetic_steps if args.dataset_type == 'synthetic' else max(1, num_samples // global_batch)
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    args.lr = args.lr or default_lr(args, global_batch)
+    if rank() == 0:
+        with open(os.path.join(args.out, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=2)
+    return global_batch
+
+
 # -----------------------------------------------------------------------------
 # Distributed: torchrun's environment means distributed; NCCL on CUDA, gloo on CPU; plain python is world 1.
 

@@ -22,7 +22,6 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-import open_clip
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 # -----------------------------------------------------------------------------

@@ -31,7 +31,6 @@ Launch
         --train-num-samples 400000000 --imagenet-val /data/imagenet/val --batch-size 256 --workers 8
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -131,18 +130,8 @@ def main(argv=None):
         tasks, retrieval = data.eval_sets(args, eval_tf, cfg['vision_cfg']['image_size'])
     except data.DataError as err:
         common.fail(err)
-    global_batch = args.batch_size * world
-    if args.steps is None:
-        if num_samples is None:
-            common.fail('--train-data as webdataset needs --train-num-samples or --steps')
-        args.steps = 800 if args.dataset_type == 'synthetic' \
-            else max(1, num_samples // global_batch)
-    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    args.lr = args.lr or default_lr(args, global_batch)
+    global_batch = common.finish_run_args(args, num_samples, world, 800, default_lr)
     total = args.steps + args.unmasked_tuning_steps
-    if rank == 0:
-        with open(os.path.join(args.out, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2)
 
     # optimizer and schedule; unmasked tuning starts from a fresh optimizer state at step args.steps
     def make_optimizer():

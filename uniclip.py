@@ -45,7 +45,6 @@ Launch
 """
 import argparse
 import copy
-import json
 import math
 import os
 import sys
@@ -307,17 +306,7 @@ def main(argv=None):
         tasks, retrieval = data.eval_sets(args, eval_tf, cfg['vision_cfg']['image_size'])
     except data.DataError as err:
         common.fail(err)
-    global_batch = args.batch_size * world
-    if args.steps is None:
-        if num_samples is None:
-            common.fail('--train-data as webdataset needs --train-num-samples or --steps')
-        args.steps = 400 if data.resolve_dataset_type(args.train_data, args.dataset_type) == 'synthetic' \
-            else max(1, num_samples // global_batch)
-    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    args.lr = args.lr or default_lr(args, global_batch)
-    if rank == 0:
-        with open(os.path.join(args.out, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2)
+    global_batch = common.finish_run_args(args, num_samples, world, 400, default_lr)
 
     # optimizer
     optimizer = torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95))

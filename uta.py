@@ -290,18 +290,8 @@ def main(argv=None):
             data.eval_sets(args, open_clip.image_transform(teacher_size, is_train=False), teacher_size)
     except data.DataError as err:
         common.fail(err)
-    global_batch = args.batch_size * world
-    if args.steps is None:
-        if num_samples is None:
-            common.fail('--train-data as webdataset needs --train-num-samples or --steps')
-        args.steps = 800 if data.resolve_dataset_type(args.train_data, args.dataset_type) == 'synthetic' \
-            else max(1, num_samples // global_batch)
-    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    args.lr = args.lr or default_lr(args, global_batch)
+    global_batch = common.finish_run_args(args, num_samples, world, 800, default_lr)
     total = args.steps + args.contrastive_steps
-    if rank == 0:
-        with open(os.path.join(args.out, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2)
 
     # optimizer and schedule: alignment trains the image tower only; the contrastive stage starts a fresh optimizer
     # over the whole student (text tower and logit scale included) at step args.steps
