@@ -26,8 +26,8 @@ Where this differs from the official code (microsoft/A-CLIP), and why
 - Left out, as they are not in the paper's method: the frozen patch embedding (MoCo v3's trick) and the EMA of the
   text tower (used only to evaluate the EMA model). OpenAI mean/std (open_clip's preprocessing for the export). The
   EMA steps after the optimizer (official: before the next forward; the same sequence).
-- The heads read the pooled image token (CLS for open_clip's ViTs, as the official code; the patch mean for `tiny`,
-  whose config pools 'avg'). The score stays the CLS query's attention either way, as the paper defines it.
+- CLS pooling for every --model (model_config below), as the official code: the score is the CLS query's attention,
+  which the CLIP loss aligns with the text only when CLS is the image embedding (`tiny` otherwise pools 'avg').
 - One EMA pass gives both the scores and the BYOL target (cls_attention: explicit softmax for the CLS row, SDPA for
   the blocks), so the teacher costs one forward, as in the official code.
 
@@ -195,6 +195,13 @@ def block_mask(score, grid, mask_ratio):
 # ----------------------------------------------------------------------------- method: model and heads
 
 
+def model_config(name):
+    """common.model_config, pooled by the CLS token (see the docstring); the export carries the same config."""
+    cfg = common.model_config(name)
+    cfg['vision_cfg']['pool_type'] = 'tok'
+    return cfg
+
+
 def mlp(dims, bias):
     """Linear layers with BatchNorm + ReLU between them and none after the last (SimCLR's and BYOL's heads)."""
     layers = []
@@ -350,7 +357,7 @@ def step_seconds(model, ema, views, boxes, texts, args, device, amp, n):
 def main(argv=None):
     try:
         args = get_args(argv)
-        cfg = common.model_config(args.model)
+        cfg = model_config(args.model)
     except ValueError as err:
         common.fail(err)
     rank, world, device = common.init_distributed()

@@ -40,7 +40,7 @@ Reconstructed (not recoverable from public material), each a flag
 - The learning rate, 5e-4 x global batch / 4096 (SLIP's YFCC-15M setting, which the paper compares against).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 200 steps of 128 (a
-step costs ~3.3 of flip.py's, so ~4.5 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip
+step costs ~3.3 of flip.py's: about 5 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip
 on the synthetic data.
 
 Cost against a CLIP step on the same batch (the paper's only figure, via A-CLIP's table: 1.56x on ViT-B/16).
@@ -64,6 +64,7 @@ import copy
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,7 @@ def get_args(argv=None):
     g.add_argument('--student-temp', type=float, default=0.1)
     g.add_argument('--ema-momentum', type=float, default=0.996, help='teacher momentum at step 0, cosine to 1')
     g.add_argument('--text-mask-ratio', type=float, default=0.15, help='fraction of caption tokens masked for MLM')
+    g.add_argument('--time-steps', type=int, default=5, help='steps timed against a CLIP step at the end (0: skip)')
     g.add_argument('--clip-view', default='full', choices=['full', 'masked'], help='image of the CLIP term: the full '
                    'image (a second student pass), or the masked pass the decoder uses (FLIP-style, cheaper; '
                    'with --lambda-img > 0)')
@@ -113,8 +115,8 @@ def get_args(argv=None):
         raise ValueError('--mask-ratio must be in (0, 1) and --text-mask-ratio in (0, 1]')
     if args.decoder_depth < 1 or args.prototypes < 1 or args.teacher_temp <= 0 or args.student_temp <= 0:
         raise ValueError('--decoder-depth, --prototypes, --teacher-temp and --student-temp must be positive')
-    if not 0 <= args.ema_momentum <= 1:
-        raise ValueError('--ema-momentum must be in [0, 1]')
+    if not 0 <= args.ema_momentum <= 1 or args.time_steps < 0:
+        raise ValueError('--ema-momentum must be in [0, 1] and --time-steps >= 0')
     return common.check_args(args, 'maskclip')
 
 
@@ -262,8 +264,8 @@ def ema_momentum(step, total, base):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.lerp_(s.detach(), 1 - momentum)  # t = m * t + (1 - m) * s
+    """teacher <- m * teacher + (1 - m) * student, parameter by parameter (same structure, same order)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
 
 # ----------------------------------------------------------------------------- method: loss
 
@@ -292,6 +294,58 @@ def mlm_loss(hidden, texts, is_masked, token_embedding):
     """Cross-entropy over the vocabulary at the masked caption tokens; logits = hidden @ token_embedding.T (tied)."""
     logits = hidden[is_masked].float() @ token_embedding.float().T  # (N masked, vocab)
     return F.cross_entropy(logits, texts[is_masked])
+
+
+def losses(model, train_model, teacher, center, images, texts, args, generator):
+    """One step's masks, forward passes (under the caller's autocast) and loss terms (in fp32). Returns the loss
+    L_clip + lambda_img L_distill + lambda_txt L_mlm, the terms by name, the logit scale and the teacher's targets."""
+    ids_keep = ids_mask = masked_texts = is_masked = target = None
+    if teacher is not None:
+        grid = teacher['visual'].grid_size
+        ids_keep, ids_mask = patch_masking(len(images), grid, args.mask_ratio, generator, args.mask_type == 'block')
+        target = teacher_targets(teacher, images, ids_mask)
+    if args.lambda_txt > 0:
+        masked_texts, is_masked = text_masking(texts, args.text_mask_ratio, generator)
+    image_features, text_features, logit_scale, pred, hidden = train_model(images, texts, ids_keep, ids_mask,
+                                                                           masked_texts)
+    with torch.autocast(images.device.type, enabled=False):
+        terms = {'clip_loss': common.clip_loss(image_features, text_features, logit_scale)}
+        if pred is not None:
+            terms['distill_loss'] = distill_loss(pred, target, center, args)
+        if hidden is not None:
+            terms['mlm_loss'] = mlm_loss(hidden, texts, is_masked, model.clip.token_embedding.weight)
+    weights = {'clip_loss': 1.0, 'distill_loss': args.lambda_img, 'mlm_loss': args.lambda_txt}
+    return sum(weights[k] * v for k, v in terms.items()), terms, logit_scale, target
+
+# ----------------------------------------------------------------------------- cost: a step against a CLIP step
+
+
+def step_seconds(model, teacher, center, images, texts, args, device, amp, n):
+    """Median seconds of a training step (forward, backward, AdamW, EMA and centre update) of MaskCLIP and of CLIP
+    (both lambdas 0) on the same batch, on copies of the models; interleaved, so other load hits both alike."""
+    model, teacher, center = copy.deepcopy(model), copy.deepcopy(teacher), center.clone()
+    opt = torch.optim.AdamW(common.param_groups(model, args.wd), lr=1e-9, betas=(0.9, 0.95))
+    generator = common.step_generator(device, args.seed, common.rank(), 0)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
+    clip_args = argparse.Namespace(**{**vars(args), 'lambda_img': 0.0, 'lambda_txt': 0.0})
+    runs = {'maskclip': (teacher, args), 'clip': (None, clip_args)}
+    times = {name: [] for name in runs}
+    for _ in range(n + 1):  # the first round warms up
+        for name, (ema, run_args) in runs.items():
+            opt.zero_grad(set_to_none=True)
+            sync()
+            t = time.perf_counter()
+            with amp:
+                loss, _, _, target = losses(model, model, ema, center, images, texts, run_args, generator)
+            loss.backward()
+            opt.step()
+            if ema is not None:
+                ema_update(ema, model.distilled(), 0.999)
+                if args.target == 'ce':
+                    update_center(center, target)
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts[1:])[n // 2] for name, ts in times.items()}
 
 # ----------------------------------------------------------------------------- data
 
@@ -330,7 +384,7 @@ def main(argv=None):
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokenizer = common.tokenizer_for(cfg)
-    grid, num_patches = model.clip.visual.grid_size, model.clip.visual.num_patches
+    num_patches = model.clip.visual.num_patches
     if args.lambda_img > 0 and int(num_patches * (1 - args.mask_ratio)) < 1:
         common.fail(f'--mask-ratio {args.mask_ratio} keeps none of the {num_patches} patches')
 
@@ -372,7 +426,6 @@ def main(argv=None):
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)
     stop = common.StopSignal()
-    weights = {'clip_loss': 1.0, 'distill_loss': args.lambda_img, 'mlm_loss': args.lambda_txt}
     common.print0(f'MaskCLIP: {args.model}, lambda_img {args.lambda_img} ({args.target}, {args.mask_type} mask '
                   f'{args.mask_ratio}), lambda_txt {args.lambda_txt}, {args.steps} steps of {global_batch} '
                   f'({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
@@ -386,21 +439,8 @@ def main(argv=None):
             group['lr'] = lr
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         generator = common.step_generator(device, args.seed, rank, step)  # masks: a pure function of the step
-        ids_keep = ids_mask = masked_texts = None
-        if args.lambda_img > 0:
-            ids_keep, ids_mask = patch_masking(len(images), grid, args.mask_ratio, generator, args.mask_type == 'block')
-        if args.lambda_txt > 0:
-            masked_texts, is_masked = text_masking(texts, args.text_mask_ratio, generator)
         with amp:
-            image_features, text_features, logit_scale, pred, hidden = train_model(images, texts, ids_keep, ids_mask,
-                                                                                   masked_texts)
-            target = teacher_targets(teacher, images, ids_mask) if teacher is not None else None
-        losses = {'clip_loss': common.clip_loss(image_features, text_features, logit_scale)}
-        if pred is not None:
-            losses['distill_loss'] = distill_loss(pred, target, center, args)
-        if hidden is not None:
-            losses['mlm_loss'] = mlm_loss(hidden, texts, is_masked, model.clip.token_embedding.weight)
-        loss = sum(weights[k] * v for k, v in losses.items())  # L_clip + lambda_img L_distill + lambda_txt L_mlm
+            loss, terms, logit_scale, target = losses(model, train_model, teacher, center, images, texts, args, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
@@ -423,7 +463,7 @@ def main(argv=None):
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             record = {'step': step, 'loss': common.mean_over_ranks(loss),
-                      **{k: common.mean_over_ranks(v) for k, v in losses.items()}, 'lr': lr,
+                      **{k: common.mean_over_ranks(v) for k, v in terms.items()}, 'lr': lr,
                       'logit_scale': logit_scale.item(), 'samples_per_sec': meter.rate(), 'skipped': skipped}
             if teacher is not None:
                 record['momentum'] = momentum
@@ -438,7 +478,12 @@ def main(argv=None):
             break
     bar.close()
 
-    # cleanup: final evaluation and export of the student CLIP (rank 0)
+    # cleanup: step time against CLIP (every rank: the losses hold collectives), final evaluation and export (rank 0)
+    if step == args.steps and args.time_steps and start < step:
+        t = step_seconds(model, teacher, center, images, texts, args, device, amp, args.time_steps)
+        logger.log({'step': step, 'step_seconds/maskclip': t['maskclip'], 'step_seconds/clip': t['clip']})
+        common.print0(f"step time on the same batch: MaskCLIP {t['maskclip']:.3f} s, CLIP {t['clip']:.3f} s, "
+                      f"{t['maskclip'] / t['clip']:.2f}x (paper: 1.56x)")
     if step == args.steps and rank == 0:
         results = common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)
         logger.log({'step': step, **results})

@@ -356,7 +356,8 @@ def main(argv=None):
         meter.add(global_batch)
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
-            record = {'step': step, 'loss': loss.item(), 'lr': lr, **{k: v.item() for k, v in parts.items()},
+            record = {'step': step, 'loss': common.mean_over_ranks(loss), 'lr': lr,
+                      **{k: common.mean_over_ranks(v) for k, v in parts.items()},
                       **{f'tau_{PAIRS[d]}': tau[d].item() for d in range(3)},
                       **{f'offset_{PAIRS[d]}': offset[d].item() for d in range(3)},
                       'samples_per_sec': meter.rate(), 'skipped': skipped}

@@ -4,11 +4,11 @@ The official repository (jihaonew/UTA) has inference code only; this is training
 
 What this file implements
 - A frozen CLIP image encoder, the teacher, sees the full image (eval mode, no gradients, never updated). Its targets
-  are every output token, CLS and patches, after its final LayerNorm and image projection: tokens in CLIP space,
-  whose CLS row is exactly the teacher's CLIP image embedding.
+  are every output token after its final LayerNorm and image projection, i.e. in CLIP space. The first target row
+  is the teacher's CLIP image embedding: its CLS token, or the patch mean for an 'avg'-pooled teacher (`tiny`).
 - The student, the common.py ViT from scratch, sees only the unmasked tokens (no [MASK] tokens, no decoder). A linear
   head maps its tokens into the teacher's embedding space; the head is the student's own bias-free `visual.proj`, so
-  the student's CLIP image embedding is CLS -> ln_post -> head, the token the loss aligns.
+  the student's CLIP image embedding is CLS -> ln_post -> head, the token aligned to that first row.
 - Loss: negative cosine similarity between student and teacher tokens at the same positions, averaged over CLS and
   every kept patch. Captions are loaded but never used by this stage.
 - Zero-shot: student CLS -> ln_post -> head, normalised, against the teacher's text encoder (the student model carries
@@ -371,8 +371,9 @@ def main(argv=None):
         meter.add(global_batch)
         bar.update(1)
         if step % args.log_every == 0 or step == total:
-            record = {'step': step, 'stage': 'contrastive' if contrastive else 'align', 'loss': loss.item(), 'lr': lr,
-                      **{k: v.item() for k, v in extra.items()}, 'samples_per_sec': meter.rate(), 'skipped': skipped}
+            record = {'step': step, 'stage': 'contrastive' if contrastive else 'align', 'loss': common.mean_over_ranks(loss),
+                      'lr': lr, **{k: common.mean_over_ranks(v) for k, v in extra.items()},
+                      'samples_per_sec': meter.rate(), 'skipped': skipped}
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
         if args.eval_every and step % args.eval_every == 0 and step < total and rank == 0:

@@ -16,7 +16,7 @@ import common
 import data
 
 BASE = ['--batch-size', '8', '--workers', '0', '--log-every', '1', '--time-steps', '0']
-TINY = common.model_config('tiny')
+TINY = aclip.model_config('tiny')  # CLS-pooled
 
 
 def run(out, *extra):
@@ -202,6 +202,7 @@ def test_smoke_learns_reports_cost_and_exports(tmp_path):
     assert state['step'] == 30 and set(state['ema']) >= {'visual.proj', 'byol_proj.0.weight'}
 
     # the export is the online CLIP: open_clip loads it and gives the training code's embeddings
+    assert json.load(open(out / 'open_clip' / 'open_clip_config.json'))['model_cfg']['vision_cfg']['pool_type'] == 'tok'
     path = f'local-dir:{out / "open_clip"}'
     ref, _, preprocess = open_clip.create_model_and_transforms(path)
     ours = common.CLIP(TINY)

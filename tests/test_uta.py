@@ -114,12 +114,15 @@ def test_kept_positions_index_the_right_teacher_tokens():
                            for b in range(B)])  # (B, 1 + K, D) by hand: CLS, then patch p is teacher token 1 + p
     loss, cos = uta.uta_loss(2.5 * student, teacher_tokens, ids_keep)  # cosine: scale does not matter
     assert abs(loss.item() + 1) < 1e-6 and torch.allclose(cos, torch.ones(B, 20))
-    # and the teacher's targets: CLS row = its CLIP image embedding, patch rows = its tokens @ proj
+    # and the teacher's targets: first row = its CLIP image embedding (CLS or patch mean), patch rows = tokens @ proj
     teacher, images = tiny_clip(), torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        targets = uta.Teacher(teacher, (8, 8))(images)
-        assert torch.allclose(targets[:, 0], teacher.encode_image(images), atol=1e-5)
-        assert torch.allclose(targets[:, 1:], teacher.visual.forward_tokens(images)[:, 1:] @ teacher.visual.proj, atol=1e-5)
+    for pool_type in ('tok', 'avg'):
+        teacher.visual.pool_type = pool_type
+        with torch.no_grad():
+            targets = uta.Teacher(teacher, (8, 8))(images)
+            patches = teacher.visual.forward_tokens(images)[:, 1:] @ teacher.visual.proj
+            assert torch.allclose(targets[:, 0], teacher.encode_image(images), atol=1e-5)
+            assert torch.allclose(targets[:, 1:], patches, atol=1e-5)
 
 
 def test_different_grids_resample_the_teacher_tokens():
