@@ -35,7 +35,8 @@ What is reconstructed, and the flag that changes it
   with the CLIP baseline isolate the method; the paper's own schedule is not known.
 - Export: logit_scale = 1 / tau_image-text (the image-text offset shifts every candidate equally: no effect).
 
-Scaled down for the embedded CPU default, and said so: the `tiny` model, 400 steps of 96, lr 1e-3.
+Scaled down for the embedded CPU default, and said so: the `tiny` model, 400 steps of 96, lr 1e-3. A step costs
+1.74x the FLOPs of a CLIP step on the same batch (two image views), so this is flip.py's default budget in time.
 
 Launch
     python uniclip.py                                   # CPU, synthetic data, ~5 minutes, results in runs/uniclip/
@@ -96,7 +97,8 @@ def get_args(argv=None):
 
 
 def default_lr(args, global_batch):
-    """1e-3 for the tiny model on the synthetic data (as flip.py); else CLIP/SLIP's 5e-4 x global batch / 4096."""
+    """1e-3 for the tiny model on the synthetic data (as flip.py); else 5e-4 x global batch / 4096, a linear-scaling
+    guess: the paper's learning rate is not reconstructed."""
     return 1e-3 if args.model == 'tiny' else 5e-4 * global_batch / 4096
 
 # ----------------------------------------------------------------------------- method: augmentation
