@@ -36,7 +36,8 @@ What is reconstructed, and the flag that changes it
 - Export: logit_scale = 1 / tau_image-text (the image-text offset shifts every candidate equally: no effect).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model, 400 steps of 96, lr 1e-3. A step costs
-1.74x the FLOPs of a CLIP step on the same batch (two image views), so this is flip.py's default budget in time.
+1.74x the FLOPs of a CLIP step on the same batch (two image views); the run costs what flip.py's default does
+(28 TFLOP of forward and backward).
 
 Launch
     python uniclip.py                                   # CPU, synthetic data, ~5 minutes, results in runs/uniclip/
