@@ -37,7 +37,7 @@ Reconstructed (not recoverable from public material), each a flag
   are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are scored).
 - --lambda-img 0.1 --lambda-txt 0.1; with both 0 the step is exactly flip.py's CLIP step (--mask-ratio 0): no teacher,
   no decoders, the same optimiser (AdamW, betas 0.9/0.95).
-- The learning rate, 5e-4 x global batch / 4096 (SLIP's YFCC-15M setting, which the paper compares against).
+- The learning rate, 5e-4 x global batch / 4096: a guess (SLIP's YFCC-15M rate; the paper compares against SLIP).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 200 steps of 128 (a
 step costs ~3.3 of flip.py's: about 5 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip
@@ -49,6 +49,7 @@ the decoders, the prototype head and the vocabulary scores; 'masked' drops the f
 per step, one thread, steps interleaved, median ratio:
     ViT-B/16, 224 px, batch 4:  full 1.69x   masked 1.01x   masked with --mask-ratio 0.5 1.21x
     tiny, batch 128:            full 2.18x   masked 1.46x   (its text tower weighs more against its image tower)
+Every finished run times both steps on its last batch and logs and prints the ratio (--time-steps).
 
 Launch
     python maskclip.py                                   # CPU, synthetic data, results in runs/maskclip/
