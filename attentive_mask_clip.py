@@ -384,7 +384,7 @@ def main(argv=None):
     state = None
     if resume:
         try:
-            state = common.load_checkpoint(resume)
+            state = common.load_checkpoint(resume, cfg)
             model.load_state_dict(state['model'], strict=True)
             ema.load_state_dict(state['ema'], strict=True)
         except (ValueError, RuntimeError, KeyError) as err:
@@ -410,7 +410,8 @@ def main(argv=None):
         if rank == 0:
             common.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'ema': ema.state_dict(),
                                                'optimizer': optimizer.state_dict(), 'step': step,
-                                               'rng': torch.get_rng_state(), 'args': vars(args)})
+                                               'rng': torch.get_rng_state(),
+                                               'cfg': cfg, 'args': vars(args)})
 
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)

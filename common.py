@@ -419,11 +419,25 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, cfg=None):
+    """The saved state; with `cfg`, refuses a checkpoint written for another model config (a pooling or activation
+    change leaves the parameter shapes alone, so a strict state-dict load alone would not notice)."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
         raise ValueError(f'cannot read checkpoint {path}: {err}') from None
+    if cfg is not None and 'cfg' in state and state['cfg'] != cfg:
+        ours, theirs = _flat(cfg), _flat(state['cfg'])
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ValueError(f'{path} holds a model with another config ({", ".join(diff)} differ); use another --out')
+    return state
+
+
+def _flat(d, prefix=''):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
+    return out
 
 
 class StopSignal:

@@ -393,7 +393,7 @@ def main(argv=None):
     state = None
     if resume:
         try:
-            state = common.load_checkpoint(resume)
+            state = common.load_checkpoint(resume, cfg)
             model.load_state_dict(state['model'], strict=True)
             if teacher is not None:
                 teacher.load_state_dict(state['teacher'], strict=True)
@@ -422,7 +422,7 @@ def main(argv=None):
             common.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                                                'teacher': teacher.state_dict() if teacher is not None else None,
                                                'center': center, 'step': step, 'rng': torch.get_rng_state(),
-                                               'args': vars(args)})
+                                               'cfg': cfg, 'args': vars(args)})
 
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)

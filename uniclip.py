@@ -296,7 +296,7 @@ def main(argv=None):
     state = None
     if resume:
         try:
-            state = common.load_checkpoint(resume)
+            state = common.load_checkpoint(resume, cfg)
             model.load_state_dict(state['model'], strict=True)
         except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
@@ -320,7 +320,8 @@ def main(argv=None):
     def checkpoint(step):
         if rank == 0:
             common.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                                               'step': step, 'rng': torch.get_rng_state(), 'args': vars(args)})
+                                               'step': step, 'rng': torch.get_rng_state(),
+                                               'cfg': cfg, 'args': vars(args)})
 
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)

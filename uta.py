@@ -134,7 +134,7 @@ def load_teacher(spec, model_name=None):
         if os.path.isfile(spec):
             state = open_clip.factory.load_state_dict(spec)  # .pt/.bin/.safetensors, a 'state_dict' key, 'module.'
             if 'args' in state and 'model' in state:  # a ckpt.pt written by these scripts
-                cfg, state = common.model_config(state['args']['model']), state['model']
+                cfg, state = state.get('cfg') or common.model_config(state['args']['model']), state['model']
             elif model_name:
                 cfg = common.model_config(model_name)
             else:
@@ -274,7 +274,7 @@ def main(argv=None):
     state = None
     if resume:
         try:
-            state = common.load_checkpoint(resume)
+            state = common.load_checkpoint(resume, cfg)
             model.load_state_dict(state['model'], strict=True)
         except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
@@ -318,7 +318,8 @@ def main(argv=None):
     def checkpoint(step):
         if rank == 0:
             common.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                                               'step': step, 'rng': torch.get_rng_state(), 'args': vars(args)})
+                                               'step': step, 'rng': torch.get_rng_state(),
+                                               'cfg': cfg, 'args': vars(args)})
 
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)

@@ -181,6 +181,18 @@ def test_corrupt_checkpoint_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and 'cannot resume' in capsys.readouterr().err
 
 
+def test_checkpoint_of_another_model_config_is_refused(tmp_path, capsys):
+    """Same parameter shapes (CLS vs mean pooling), so only the saved config can tell: resume must refuse it."""
+    run(tmp_path, '--steps', '1')
+    state = common.load_checkpoint(tmp_path / 'ckpt.pt', common.model_config('tiny'))  # its own config loads
+    state['cfg']['vision_cfg']['pool_type'] = 'tok'
+    common.save_checkpoint(tmp_path / 'ckpt.pt', state)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, '--steps', '2')
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and 'cannot resume' in err[-1] and 'vision_cfg.pool_type' in err[-1]
+
+
 def test_compile_on_matches_eager(tmp_path):
     """The one torch.compile run of the suite (~40 s of start-up on a CPU)."""
     run(tmp_path / 'eager', '--steps', '2', '--compile', 'off')
