@@ -1,0 +1,557 @@
+"""bench.py: the five methods side by side on one backbone, one data path and one machine.
+
+Two questions pick a method: what does a step cost, and what does it buy. Papers answer each on their own hardware
+and data; this file answers both here, in one run per question.
+
+    python bench.py speed --model tiny                  # cost: step time, FLOPs, memory; CLIP = 1.00x
+    python bench.py speed --model ViT-B-16 --batch-size 32
+    python bench.py quality --steps 400 --seeds 0 1     # what it buys: same-budget training runs, tables and a plot
+
+speed (one process, the current device: CUDA if present, else CPU):
+- every method's training step (forward, backward, AdamW, and its EMA/centre updates) on the same model size and
+  batch of synthetic samples through the method's own training transform; rounds are interleaved (one step of each
+  method per round) so load on a shared machine hits all alike; warm-up rounds dropped, the median reported, as a
+  ratio to the CLIP step next to the paper's published ratio;
+- FLOPs per step counted with torch.utils.flop_counter (forward + backward), FLIP's measured speed-up against its
+  FLOP-count ideal, and each step's achieved FLOP/s against a plain matmul's FLOP/s measured in the same run;
+- memory: the bytes of the distinct tensors each step saves for backward (its activation memory, any device), and on
+  CUDA the peak allocated during the step above what was resident before it;
+- common.py's vision tower against open_clip's VisionTransformer of the same config with the same weights,
+  forward + backward: throughput ratio and activation memory.
+Eager mode: no torch.compile, so the numbers are the code's as written. Models are randomly initialised (UTA's
+teacher is a frozen random CLIP of the student's size).
+
+quality: runs each method's script as a subprocess with the same --steps, --batch-size and seed (and the method's
+own defaults otherwise), evaluating every --eval-every steps, for each seed; UTA distils the FLIP (r = 0.5) run of the
+same seed, so it runs after it. Training seconds are the median logged step time x steps (start-up and evaluation
+excluded); the subprocess wall-clock is recorded too. Reports mean and spread over seeds per task, the paper's claim
+next to what we measured, and a PNG of zero-shot accuracy against training seconds (needs matplotlib).
+
+Outputs in --out (default bench/): speed-<model>-<device>.{json,md}; quality.{json,md,png} and the runs under runs/.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.data import default_collate
+from torch.utils.flop_counter import FlopCounterMode
+
+import open_clip
+
+import attentive_mask_clip as aclip
+import common
+import data
+import flip
+import maskclip
+import uniclip
+import uta
+
+PAPER_RATIO = {'clip': '1.00', 'flip50': '0.50 (FLOPs 0.52)', 'flip75': '0.33 (FLOPs 0.28)', 'uta': 'not published',
+               'aclip': '1.16', 'maskclip': '1.56', 'uniclip': 'not published'}
+
+# ----------------------------------------------------------------------------- speed: one training step per method
+
+
+def synthetic_batch(transform, tokenizer, size, batch_size):
+    """The first `batch_size` training samples of the embedded dataset through a method's training transform."""
+    dataset = data.SyntheticShapes(size, seed=0, split='train')
+    torch.manual_seed(0)  # the transforms draw from torch's global RNG
+    samples = [dataset[i] for i in range(batch_size)]
+    return default_collate([transform(image) for image, _ in samples]), tokenizer([c for _, c in samples])
+
+
+def clip_step(model_name, batch_size, device, ratio):
+    """CLIP (ratio 0) or FLIP: flip.py's forward and loss. Returns (trained module, loss function, after-step hook)."""
+    args = flip.get_args(['--model', model_name, '--mask-ratio', str(ratio)])
+    cfg = common.model_config(model_name)
+    model = common.CLIP(cfg).to(device)
+    images, texts = synthetic_batch(flip.transforms(args, cfg)[0], common.tokenizer_for(cfg),
+                                    cfg['vision_cfg']['image_size'], batch_size)
+    images, texts = images.to(device), texts.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def loss():
+        ids_keep = flip.random_masking(batch_size, model.visual.num_patches, ratio, generator) if ratio else None
+        return common.clip_loss(*model(images, texts, ids_keep))
+    return model, loss, None
+
+
+def uta_step(model_name, batch_size, device):
+    """UTA's alignment step: a frozen teacher of the student's size on the full image, the student on the kept
+    tokens, negative cosine; only the image tower trains."""
+    args = uta.get_args(['--model', model_name])
+    teacher_cfg = common.model_config(model_name)
+    cfg = uta.student_config(teacher_cfg, model_name)
+    teacher_clip = common.CLIP(teacher_cfg).to(device).eval().requires_grad_(False)
+    model = common.CLIP(cfg).to(device)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith('visual.'))
+    teacher, student = uta.Teacher(teacher_clip, model.visual.grid_size), uta.Student(model)
+    images, _ = synthetic_batch(uta.transforms(args, cfg)[0], common.tokenizer_for(cfg),
+                                cfg['vision_cfg']['image_size'], batch_size)
+    images = images.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def loss():
+        ids_keep = uta.block_masking(batch_size, model.visual.grid_size, args.mask_ratio, generator)
+        return uta.uta_loss(student(images, ids_keep), teacher(images), ids_keep)[0]
+    return model, loss, None
+
+
+def aclip_step(model_name, batch_size, device):
+    """A-CLIP's default step: EMA scoring pass, two masked online views, CLIP + SimCLR + BYOL, the EMA update."""
+    args = aclip.get_args(['--model', model_name])
+    cfg = aclip.model_config(model_name)
+    model = aclip.ACLIP(cfg, args.head_hidden, args.head_dim, simclr=args.simclr_weight > 0,
+                        byol=args.byol_weight > 0).to(device)
+    ema = copy.deepcopy(aclip.tracked(model)).requires_grad_(False)
+    (views, boxes), texts = synthetic_batch(aclip.transforms(args, cfg)[0], common.tokenizer_for(cfg),
+                                            cfg['vision_cfg']['image_size'], batch_size)
+    views, boxes, texts = views.to(device), boxes.to(device), texts.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+
+    def loss():
+        return aclip.losses(model, ema, views, boxes, texts, args, generator)[0]
+    return model, loss, lambda: aclip.update_ema(ema, model, 0.999)
+
+
+def maskclip_step(model_name, batch_size, device):
+    """MaskCLIP's default step: CLIP on the full image, the masked pass + decoder against the EMA teacher's online
+    tokenizer, text MLM; then the EMA and centre updates."""
+    args = maskclip.get_args(['--model', model_name])
+    cfg = common.model_config(model_name)
+    model = maskclip.MaskCLIP(cfg, args).to(device)
+    teacher = copy.deepcopy(model.distilled()).requires_grad_(False)
+    center = torch.zeros(args.prototypes, device=device)
+    images, texts = synthetic_batch(maskclip.transforms(args, cfg)[0], common.tokenizer_for(cfg),
+                                    cfg['vision_cfg']['image_size'], batch_size)
+    images, texts = images.to(device), texts.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    target = {}
+
+    def loss():
+        total, _, _, target['t'] = maskclip.losses(model, model, teacher, center, images, texts, args, generator)
+        return total
+
+    def after():
+        maskclip.ema_update(teacher, model.distilled(), 0.999)
+        maskclip.update_center(center, target['t'])
+    return model, loss, after
+
+
+def uniclip_step(model_name, batch_size, device):
+    """UniCLIP's default step: two augmented views + the caption per sample, MP-NCE in the universal space."""
+    args = uniclip.get_args(['--model', model_name, '--batch-size', str(max(2, batch_size))])
+    cfg = common.model_config(model_name)
+    model = uniclip.UniCLIP(cfg, args.aug_embed, args.aug_hidden, args.similarity, args.tau_init).to(device)
+    (images, params), texts = synthetic_batch(uniclip.transforms(args, cfg)[0], common.tokenizer_for(cfg),
+                                              cfg['vision_cfg']['image_size'], batch_size)
+    B, V = images.shape[:2]
+    images, params, texts = images.to(device).flatten(0, 1), params.to(device).flatten(0, 1), texts.to(device)
+    domains = [0] * V + [1]
+
+    def loss():
+        image_features, text_features, tau, offset = model(images, params, texts)
+        z = torch.cat([image_features.view(B, V, -1), text_features[:, None]], dim=1)
+        return uniclip.universal_loss(z, domains, tau, offset, args.loss)[0]
+    return model, loss, None
+
+
+STEPS = {'clip': lambda m, b, d: clip_step(m, b, d, 0.0), 'flip50': lambda m, b, d: clip_step(m, b, d, 0.5),
+         'flip75': lambda m, b, d: clip_step(m, b, d, 0.75), 'uta': uta_step, 'aclip': aclip_step,
+         'maskclip': maskclip_step, 'uniclip': uniclip_step}
+
+# ----------------------------------------------------------------------------- speed: measuring
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn, module):
+    """Runs fn() (a forward + backward) and returns the bytes of the distinct storages autograd saved for backward,
+    the module's own parameters not counted: the step's activation memory."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[(s.device, s.data_ptr())] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def matmul_flops_per_second(device, dtype, repeats):
+    n = 4096 if device.type == 'cuda' else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(repeats + 2):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync(device)
+        times.append((time.perf_counter() - t) / 4)
+    return 2 * n ** 3 / statistics.median(times[2:])
+
+
+def interleaved_medians(fns, rounds, warmup, device):
+    """{name: fn} -> {name: median seconds}, one call of each per round, the first `warmup` rounds dropped."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def speed(args, device):
+    amp = common.autocast(device, args.precision)
+    dtype = torch.bfloat16 if device.type == 'cuda' and args.precision != 'fp32' else torch.float32
+    methods = {}
+    for name in args.methods:
+        torch.manual_seed(0)
+        model, loss_fn, after = STEPS[name](args.model, args.batch_size, device)
+        opt = torch.optim.AdamW(common.param_groups(model, 0.2), lr=1e-9, betas=(0.9, 0.95))
+
+        def step(loss_fn=loss_fn, after=after, opt=opt):
+            with amp:
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if after:
+                after()
+        methods[name] = dict(step=step, loss_fn=loss_fn, opt=opt, model=model)
+        common.print0(f'built {name}')
+
+    def forward_backward(loss_fn):
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+
+    rows = {}
+    for name, m in methods.items():
+        m['step']()  # optimizer state and lazy buffers exist before memory is read
+        with FlopCounterMode(display=False) as counter:
+            forward_backward(m['loss_fn'])
+        rows[name] = {'flops': counter.get_total_flops(),
+                      'saved_MiB': saved_bytes(lambda: forward_backward(m['loss_fn']), m['model']) / 2 ** 20}
+        m['opt'].zero_grad(set_to_none=True)  # the two passes above only measured
+        if device.type == 'cuda':
+            sync(device)
+            torch.cuda.reset_peak_memory_stats()
+            resident = torch.cuda.memory_allocated()
+            m['step']()
+            sync(device)
+            rows[name]['cuda_peak_MiB'] = (torch.cuda.max_memory_allocated() - resident) / 2 ** 20
+    common.print0(f'timing {len(methods)} steps x {args.rounds} rounds (+{args.warmup} warm-up)')
+    seconds = interleaved_medians({n: m['step'] for n, m in methods.items()}, args.rounds, args.warmup, device)
+    matmul = matmul_flops_per_second(device, dtype, args.rounds)
+    base = seconds.get('clip')
+    for name, row in rows.items():
+        row.update(seconds=seconds[name], ratio=seconds[name] / base if base else None,
+                   flop_ratio=row['flops'] / rows['clip']['flops'] if 'clip' in rows else None,
+                   tflops_per_s=row['flops'] / seconds[name] / 1e12, of_matmul=row['flops'] / seconds[name] / matmul,
+                   paper_ratio=PAPER_RATIO[name])
+    return rows, matmul, open_clip_tower(args, device, amp)
+
+
+def open_clip_tower(args, device, amp):
+    """common.py's VisionTransformer vs open_clip's of the same config and weights: forward + backward."""
+    cfg = common.model_config(args.model)
+    ours = common.CLIP(cfg).visual.to(device)
+    ref = (open_clip.model.CLIP(**cfg) if args.model == 'tiny' else open_clip.create_model(args.model)).visual.to(device)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    size = cfg['vision_cfg']['image_size']
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
+
+    def fwd_bwd(tower):
+        def fn():
+            with amp:
+                out = tower(images)
+            out.float().square().mean().backward()
+        return fn
+    towers = {'common.py': fwd_bwd(ours), 'open_clip': fwd_bwd(ref)}
+    seconds = interleaved_medians(towers, args.rounds, args.warmup, device)
+    modules = {'common.py': ours, 'open_clip': ref}
+    return {name: {'seconds': seconds[name], 'images_per_s': args.batch_size / seconds[name],
+                   'saved_MiB': saved_bytes(fn, modules[name]) / 2 ** 20} for name, fn in towers.items()}
+
+
+def speed_report(args, device, rows, matmul, towers):
+    machine = device_name(device)
+    lines = [f'Step cost, `python bench.py speed --model {args.model} --batch-size {args.batch_size}` on {machine}, '
+             f'{"bf16 autocast" if device.type == "cuda" and args.precision != "fp32" else "fp32"}, eager, '
+             f'median of {args.rounds} interleaved rounds. Matmul reference: {matmul / 1e12:.3f} TFLOP/s.', '',
+             '| method | step (ms) | × CLIP | paper × CLIP | GFLOP/step | FLOPs × CLIP | % of matmul FLOP/s | '
+             'saved for backward (MiB) |' + (' CUDA peak (MiB) |' if device.type == 'cuda' else ''),
+             '|---|---|---|---|---|---|---|---|' + ('---|' if device.type == 'cuda' else '')]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {1e3 * r['seconds']:.1f} | {fmt(r['ratio'])} | {r['paper_ratio']} | "
+                     f"{r['flops'] / 1e9:.1f} | {fmt(r['flop_ratio'])} | {100 * r['of_matmul']:.0f}% | "
+                     f"{r['saved_MiB']:.0f} |" + (f" {r['cuda_peak_MiB']:.0f} |" if device.type == 'cuda' else ''))
+    lines.append('')
+    for r in ('flip50', 'flip75'):
+        if r in rows and 'clip' in rows:
+            lines.append(f"- {r}: measured speed-up {1 / rows[r]['ratio']:.2f}x against its FLOP-count ideal "
+                         f"{1 / rows[r]['flop_ratio']:.2f}x ({rows[r]['flop_ratio'] / rows[r]['ratio']:.0%} of ideal).")
+    o, c = towers['open_clip'], towers['common.py']
+    lines += [f"- Vision tower forward + backward, batch {args.batch_size}: common.py {c['images_per_s']:.0f} images/s, "
+              f"open_clip {o['images_per_s']:.0f} images/s ({c['images_per_s'] / o['images_per_s']:.2f}x); saved for "
+              f"backward {c['saved_MiB']:.0f} MiB vs {o['saved_MiB']:.0f} MiB."]
+    return '\n'.join(lines) + '\n'
+
+# ----------------------------------------------------------------------------- quality: same-budget training runs
+
+
+CONFIGS = {  # name: (script, flags beyond the shared budget)
+    'clip': ('flip.py', ['--mask-ratio', '0']),
+    'flip50': ('flip.py', ['--mask-ratio', '0.5']),
+    'flip75': ('flip.py', ['--mask-ratio', '0.75']),
+    'uta': ('uta.py', ['--teacher', 'local-dir:{runs}/flip50-s{seed}/open_clip']),
+    'aclip': ('attentive_mask_clip.py', ['--mask', 'attentive', '--time-steps', '0']),
+    'aclip-random': ('attentive_mask_clip.py', ['--mask', 'random', '--time-steps', '0']),
+    'maskclip': ('maskclip.py', ['--time-steps', '0']),
+    'uniclip': ('uniclip.py', []),
+    'uniclip-no-aug-embed': ('uniclip.py', ['--aug-embed', 'none']),
+    'uniclip-infonce': ('uniclip.py', ['--loss', 'infonce']),
+    'uniclip-shared-sim': ('uniclip.py', ['--similarity', 'shared']),
+}
+CLAIMS = [  # (paper's claim, method, baseline)
+    ('FLIP: masking 50% matches or beats CLIP at equal time, at about half the step cost', 'flip50', 'clip'),
+    ('FLIP: masking 75% is cheaper still, a little below 50% in accuracy', 'flip75', 'flip50'),
+    ('UTA: the student reaches about its teacher\'s zero-shot accuracy without captions', 'uta', 'flip50'),
+    ('A-CLIP: attentive masking beats random masking at the same ratio', 'aclip', 'aclip-random'),
+    ('A-CLIP: beats CLIP', 'aclip', 'clip'),
+    ('MaskCLIP: beats CLIP', 'maskclip', 'clip'),
+    ('UniCLIP: beats CLIP', 'uniclip', 'clip'),
+    ('UniCLIP: the augmentation-aware embedding helps', 'uniclip', 'uniclip-no-aug-embed'),
+    ('UniCLIP: MP-NCE beats InfoNCE with shared denominators', 'uniclip', 'uniclip-infonce'),
+    ('UniCLIP: per-domain-pair similarity helps', 'uniclip', 'uniclip-shared-sim'),
+]
+TASKS = ['zeroshot/shape', 'zeroshot/colour', 'zeroshot/position', 'zeroshot/object', 'zeroshot/object_heldout',
+         'retrieval/image_to_text_R@1', 'retrieval/text_to_image_R@1']
+
+
+def read_run(path):
+    """A finished run's log -> (eval records by step, median seconds per training step)."""
+    with open(os.path.join(path, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(path, 'args.json')) as f:
+        batch_size = json.load(f)['batch_size']
+    evals = [r for r in records if any(k.startswith('zeroshot/') for k in r)]
+    step_s = statistics.median(batch_size / r['samples_per_sec'] for r in records if 'samples_per_sec' in r)
+    return evals, step_s
+
+
+def quality(args):
+    runs = {}
+    for seed in args.seeds:
+        for name in args.methods:
+            script, flags = CONFIGS[name]
+            out = os.path.join(args.runs, f'{name}-s{seed}')
+            cmd = [sys.executable, script, '--steps', str(args.steps), '--batch-size', str(args.batch_size),
+                   '--seed', str(seed), '--out', out, '--eval-every', str(args.eval_every), '--save-every',
+                   str(args.steps), '--model', args.model] + [f.format(runs=args.runs, seed=seed) for f in flags]
+            done = os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json'))
+            if done:
+                with open(os.path.join(out, 'args.json')) as f:
+                    old = json.load(f)
+                if (old['steps'], old['batch_size'], old['model']) != (args.steps, args.batch_size, args.model):
+                    common.fail(f'{out} holds a run of another budget ({old["steps"]} steps of {old["batch_size"]}, '
+                                f'{old["model"]}); pass another --runs')
+            print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {'done already' if done else ' '.join(cmd[1:])}",
+                  flush=True)
+            wall = None
+            if not done:
+                t = time.perf_counter()
+                result = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if result.returncode != 0:
+                    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no message'
+                    print(f'error: {name} seed {seed} failed (exit {result.returncode}): {last}; its run is in {out}',
+                          file=sys.stderr)
+                    sys.exit(1)
+                wall = time.perf_counter() - t
+            evals, step_s = read_run(out)
+            runs[f'{name}-s{seed}'] = dict(method=name, seed=seed, evals=evals, step_seconds=step_s,
+                                           train_seconds=step_s * args.steps, wall_seconds=wall)
+    return runs
+
+
+def summarise(runs, methods):
+    """Per method: mean and spread (half the max - min over seeds) of each task at the final step."""
+    table = {}
+    for name in methods:
+        finals = [r['evals'][-1] for r in runs.values() if r['method'] == name]
+        secs = [r['train_seconds'] for r in runs.values() if r['method'] == name]
+        row = {'train_seconds': statistics.mean(secs), 'seeds': len(finals)}
+        for task in TASKS:
+            vals = [f[task] for f in finals if task in f]
+            if vals:
+                row[task] = (statistics.mean(vals), (max(vals) - min(vals)) / 2)
+        table[name] = row
+    return table
+
+
+def quality_report(args, table):
+    short = [t.split('/')[1].replace('image_to_text_R@1', 'i→t R@1').replace('text_to_image_R@1', 't→i R@1')
+             for t in TASKS]
+    lines = [f'Same budget, `python bench.py quality --steps {args.steps} --batch-size {args.batch_size} --seeds '
+             f'{" ".join(map(str, args.seeds))}` on {device_name(default_device())}: mean ± half-range over '
+             f'{len(args.seeds)} seed(s), final step, in %. Training seconds: median step time × steps.', '',
+             '| method | train s | ' + ' | '.join(short) + ' |', '|---|---|' + '---|' * len(TASKS)]
+    for name, row in table.items():
+        cells = [f'{100 * row[t][0]:.1f} ± {100 * row[t][1]:.1f}' if t in row else '—' for t in TASKS]
+        lines.append(f"| {name} | {row['train_seconds']:.0f} | " + ' | '.join(cells) + ' |')
+    lines += ['', '| paper\'s claim | ours: object, shape, i→t R@1 (method vs baseline) | verdict |', '|---|---|---|']
+    for claim, a, b in CLAIMS:
+        if a not in table or b not in table:
+            continue
+        cells, diffs = [], []
+        for t in ('zeroshot/object', 'zeroshot/shape', 'retrieval/image_to_text_R@1'):
+            (ma, sa), (mb, sb) = table[a][t], table[b][t]
+            cells.append(f'{100 * ma:.1f} vs {100 * mb:.1f}')
+            diffs.append((ma - mb, sa + sb))
+        lines.append(f'| {claim} | {"; ".join(cells)} | {verdict(diffs, a, b, table)} |')
+    return '\n'.join(lines) + '\n'
+
+
+def verdict(diffs, a, b, table):
+    """Reproduced: ahead on every measure by more than the seeds' spread; not reproduced: behind on one by more than
+    the spread; else within noise (UTA: 'about the teacher' is reproduced within 10%)."""
+    if a == 'uta':
+        ratio = table['uta']['zeroshot/object'][0] / max(table[b]['zeroshot/object'][0], 1e-9)
+        return f'{"reproduced" if ratio >= 0.9 else "not reproduced"} (student/teacher {ratio:.2f})'
+    if all(d > s for d, s in diffs):
+        return 'reproduced'
+    if any(d < -s for d, s in diffs):
+        return 'not reproduced'
+    return 'within noise at this scale'
+
+
+def plot(args, runs, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/object_heldout', 'retrieval/image_to_text_R@1']
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for name in args.methods:
+        seeds = [r for r in runs.values() if r['method'] == name]
+        steps = [e['step'] for e in seeds[0]['evals']]
+        x = [s * statistics.mean(r['step_seconds'] for r in seeds) for s in steps]
+        for ax, task in zip(axes, panels):
+            y = [100 * statistics.mean(r['evals'][i][task] for r in seeds) for i in range(len(steps))]
+            ax.plot(x, y, marker='o', ms=3, label=name, ls='--' if '-' in name else '-')
+    for ax, task in zip(axes, panels):
+        ax.set_title(task)
+        ax.set_xlabel('training seconds')
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel('accuracy / recall (%)')
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(f'{args.model}, batch {args.batch_size}, mean of seeds {args.seeds}, {device_name(default_device())}')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+# ----------------------------------------------------------------------------- main
+
+
+def fmt(x):
+    return '—' if x is None else f'{x:.2f}'
+
+
+def default_device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}'
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('mode', choices=['speed', 'quality'])
+    p.add_argument('--model', default='tiny', help='tiny, or an open_clip ViT config name such as ViT-B-16')
+    p.add_argument('--batch-size', type=int, default=64, help='the same for every method')
+    p.add_argument('--methods', nargs='+', default=None, help='default: all (speed: clip flip50 flip75 uta aclip '
+                   'maskclip uniclip; quality: also aclip-random and the three UniCLIP ablations)')
+    p.add_argument('--out', default='bench', help='folder for the tables (and quality.png)')
+    g = p.add_argument_group('speed')
+    g.add_argument('--rounds', type=int, default=10, help='timed rounds (one step of every method each)')
+    g.add_argument('--warmup', type=int, default=2, help='rounds dropped before timing')
+    g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'], help='auto: bf16 on CUDA')
+    g = p.add_argument_group('quality')
+    g.add_argument('--steps', type=int, default=400)
+    g.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    g.add_argument('--eval-every', type=int, default=100)
+    g.add_argument('--runs', default='runs/bench', help='where the training runs go (finished runs are reused)')
+    g.add_argument('--no-plot', action='store_true')
+    args = p.parse_args(argv)
+    known = STEPS if args.mode == 'speed' else CONFIGS
+    args.methods = args.methods or list(known)
+    unknown = [m for m in args.methods if m not in known]
+    if unknown:
+        raise ValueError(f'unknown method(s) {" ".join(unknown)} for {args.mode}; choose from {" ".join(known)}')
+    if args.mode == 'speed' and 'clip' not in args.methods:
+        args.methods.insert(0, 'clip')  # every ratio is to the CLIP step
+    if args.mode == 'quality' and 'uta' in args.methods and 'flip50' not in args.methods:
+        raise ValueError('uta distils the flip50 run of the same seed: add flip50 to --methods')
+    if min(args.batch_size, args.rounds, args.steps, args.eval_every) < 1 or args.warmup < 0:
+        raise ValueError('--batch-size, --rounds, --steps and --eval-every must be >= 1, --warmup >= 0')
+    common.model_config(args.model)  # unknown or unsupported models fail here, in one line
+    return args
+
+
+def main(argv=None):
+    try:
+        args = get_args(argv)
+        if args.mode == 'quality' and not args.no_plot:
+            import matplotlib  # noqa: F401  (checked before hours of training, not after)
+    except ValueError as err:
+        common.fail(err)
+    except ImportError:
+        common.fail('the quality plot needs matplotlib: pip install matplotlib, or pass --no-plot')
+    os.makedirs(args.out, exist_ok=True)
+    if args.mode == 'speed':
+        device = default_device()
+        rows, matmul, towers = speed(args, device)
+        stem = os.path.join(args.out, f'speed-{args.model}-{device.type}')
+        with open(stem + '.json', 'w') as f:
+            json.dump({'machine': device_name(device), 'args': vars(args), 'matmul_flops_per_s': matmul,
+                       'methods': rows, 'vision_tower': towers}, f, indent=2)
+        report = speed_report(args, device, rows, matmul, towers)
+    else:
+        runs = quality(args)
+        table = summarise(runs, args.methods)
+        stem = os.path.join(args.out, 'quality')
+        with open(stem + '.json', 'w') as f:
+            json.dump({'machine': device_name(default_device()), 'args': vars(args), 'summary': table,
+                       'runs': runs}, f, indent=2)
+        report = quality_report(args, table)
+        if not args.no_plot:
+            plot(args, runs, stem + '.png')
+    with open(stem + '.md', 'w') as f:
+        f.write(report)
+    print(report)
+    print(f'written to {stem}.*')
+
+
+if __name__ == '__main__':
+    main()
