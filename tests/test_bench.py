@@ -28,25 +28,32 @@ def test_speed_table(tmp_path):
 
 def test_quality_runs_and_reuses(tmp_path, capsys):
     argv = ['quality', '--steps', '2', '--batch-size', '8', '--seeds', '0', '--eval-every', '1', '--no-plot',
-            '--methods', 'clip', 'flip50', 'uta', '--runs', str(tmp_path / 'runs'), '--out', str(tmp_path)]
-    bench.main(argv)
+            '--methods', 'uta', 'flip50-equal-time', 'flip50', 'clip', '--runs', str(tmp_path / 'runs'),
+            '--out', str(tmp_path)]
+    bench.main(argv)  # given out of order: runs in table order, teachers and timings first
     result = json.load(open(tmp_path / 'quality.json'))
-    assert set(result['summary']) == {'clip', 'flip50', 'uta'}
-    for run in result['runs'].values():
-        assert [e['step'] for e in run['evals']] == [1, 2]  # every --eval-every steps, and the final one
-        assert run['train_seconds'] > 0 and run['wall_seconds'] > run['train_seconds']
+    assert list(result['summary']) == ['clip', 'flip50', 'flip50-equal-time', 'uta']
+    runs = result['runs']
+    for name in ('clip-s0', 'flip50-s0', 'uta-s0'):
+        assert [e['step'] for e in runs[name]['evals']] == [1, 2]  # every --eval-every steps, and the final one
+        assert runs[name]['train_seconds'] > 0 and runs[name]['wall_seconds'] > runs[name]['train_seconds']
+    # equal time: FLIP gets the steps that fit in CLIP's training seconds at FLIP's own step time
+    equal = runs['flip50-equal-time-s0']
+    assert equal['steps'] == round(runs['clip-s0']['train_seconds'] / runs['flip50-s0']['step_seconds']) >= 1
+    assert json.load(open(tmp_path / 'runs' / 'flip50-equal-time-s0' / 'args.json'))['steps'] == equal['steps']
     uta = json.load(open(tmp_path / 'runs' / 'uta-s0' / 'args.json'))
     assert uta['teacher'] == f"local-dir:{tmp_path / 'runs'}/flip50-s0/open_clip"
     report = (tmp_path / 'quality.md').read_text()
     assert 'UTA: the student' in report and 'FLIP: masking 50%' in report
     capsys.readouterr()
     bench.main(argv)  # finished runs are read back, not trained again
-    assert capsys.readouterr().out.count('done already') == 3
+    assert capsys.readouterr().out.count('done already') == 4
 
 
 @pytest.mark.parametrize('argv, message', [
     (['speed', '--methods', 'nope'], 'unknown method'),
     (['quality', '--methods', 'uta'], 'add flip50'),
+    (['quality', '--methods', 'flip50-equal-time'], 'add both'),
     (['speed', '--model', 'RN50'], 'RN50'),
 ])
 def test_bad_input_exits_2(argv, message, capsys):
@@ -54,3 +61,31 @@ def test_bad_input_exits_2(argv, message, capsys):
         bench.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_verdicts():
+    """The claim table's rule: 'beats' needs two measures ahead beyond the spreads and none behind."""
+    high = dict({t: (0.30, 0.01) for t in bench.MEASURES}, seeds=2)
+    low = dict({t: (0.20, 0.01) for t in bench.MEASURES}, seeds=2)
+    mixed = dict(high, **{bench.MEASURES[0]: (0.10, 0.01)})
+    assert bench.verdict(high, low, 'beats') == 'reproduced'
+    assert bench.verdict(low, high, 'beats') == 'not reproduced'
+    assert bench.verdict(mixed, low, 'beats') == 'not reproduced'  # two ahead, but one behind
+    assert bench.verdict(high, high, 'beats') == 'not reproduced: within noise'
+    assert bench.verdict(high, high, 'matches') == 'reproduced' and bench.verdict(low, high, 'matches') == 'not reproduced'
+    assert bench.sign((0.25, 0.03), (0.20, 0.03)) == '≈'  # a 5-point gap inside 6 points of spread
+    assert bench.verdict(dict(high, seeds=1), low, 'beats').startswith('n/a')  # one seed: no spread, no verdict
+    teacher = {'zeroshot/object': (0.20, 0.0)}
+    assert bench.verdict({'zeroshot/object': (0.19, 0.0)}, teacher, 'teacher').startswith('reproduced')
+    assert bench.verdict({'zeroshot/object': (0.15, 0.0)}, teacher, 'teacher').startswith('not reproduced')
+
+
+def test_attention_flops_are_counted_on_cpu():
+    """torch's counter knows the CUDA attention kernels only; the bench adds the CPU one: 2 matmuls of b*h*s*s*d
+    multiply-adds forward, 2.5x that backward (torch's own formulas)."""
+    import torch
+    import torch.nn.functional as F
+    b, h, s, d = 2, 4, 16, 32
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * b * h * s * s * d
+    assert bench.count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == 14 * b * h * s * s * d
