@@ -34,6 +34,7 @@ Outputs in --out (default bench/): speed-<model>-<device>.{json,md}; quality.{js
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -383,6 +384,7 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
     ('UniCLIP: per-domain-pair similarity helps', 'uniclip', 'uniclip-shared-sim', 'beats'),
 ]
 MEASURES = ['zeroshot/object', 'zeroshot/shape', 'retrieval/image_to_text_R@1']  # what a claim is judged on
+EVAL_SIZE = {'zeroshot/object': 1200, 'zeroshot/shape': 1200, 'retrieval/image_to_text_R@1': 500}  # data.py's sets
 TASKS = ['zeroshot/shape', 'zeroshot/colour', 'zeroshot/position', 'zeroshot/object', 'zeroshot/object_heldout',
          'retrieval/image_to_text_R@1', 'retrieval/text_to_image_R@1']
 
@@ -467,18 +469,23 @@ def quality_report(args, table):
     lines += ['', "| paper's claim | ours, method vs baseline: object; shape; i→t R@1 | verdict |", '|---|---|---|']
     for claim, a, b, kind in CLAIMS:
         if a in table and b in table:
-            cells = [f'{100 * table[a][t][0]:.1f} vs {100 * table[b][t][0]:.1f} {sign(table[a][t], table[b][t])}'
+            cells = [f'{100 * table[a][t][0]:.1f} vs {100 * table[b][t][0]:.1f} {sign(table[a][t], table[b][t], t)}'
                      for t in MEASURES]
             lines.append(f'| {claim} | {"; ".join(cells)} | {verdict(table[a], table[b], kind)} |')
-    lines += ['', '↑ / ↓: ahead / behind by more than the two spreads added; ≈: within them. Verdict: "beats" claims are '
-              'reproduced when ahead on at least two measures and behind on none; "matches" claims when behind on none.']
+    lines += ['', '↑ / ↓: ahead / behind by more than the noise: the two seed spreads added plus one standard error of '
+              'the difference from the finite evaluation set (binomial; 1200 images, 500 captions); ≈: within it. '
+              'Verdict: "beats" claims are reproduced when ahead on at least two measures and behind on none; '
+              '"matches" claims when behind on none. Few seeds make the spread itself uncertain: read verdicts as what '
+              'these runs show, not as significance tests.']
     return '\n'.join(lines) + '\n'
 
 
-def sign(a, b):
-    """(mean, spread) of method and baseline -> ↑, ↓ or ≈."""
-    d, s = a[0] - b[0], a[1] + b[1]
-    return '↑' if d > s else '↓' if d < -s else '≈'
+def sign(a, b, task):
+    """(mean, spread) of method and baseline on `task` -> ↑, ↓ or ≈: is the gap larger than the seeds' spreads plus
+    the evaluation set's own sampling error (binomial, EVAL_SIZE[task] items)?"""
+    (pa, sa), (pb, sb) = a, b
+    noise = sa + sb + math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / EVAL_SIZE[task])
+    return '↑' if pa - pb > noise else '↓' if pa - pb < -noise else '≈'
 
 
 def verdict(a, b, kind):
@@ -487,7 +494,7 @@ def verdict(a, b, kind):
     if kind == 'teacher':  # "about the teacher": within 10% on the 64-way zero-shot task
         ratio = a['zeroshot/object'][0] / max(b['zeroshot/object'][0], 1e-9)
         return f'{"reproduced" if ratio >= 0.9 else "not reproduced"} (student / teacher {ratio:.2f})'
-    signs = [sign(a[t], b[t]) for t in MEASURES]
+    signs = [sign(a[t], b[t], t) for t in MEASURES]
     if kind == 'matches':
         return 'reproduced' if '↓' not in signs else 'not reproduced'
     if signs.count('↑') >= 2 and '↓' not in signs:
@@ -503,22 +510,23 @@ def plot(args, runs, path):
     import matplotlib.pyplot as plt
     panels = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/object_heldout', 'retrieval/image_to_text_R@1']
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for name in args.methods:
+    colours = plt.get_cmap('tab20')
+    for i, name in enumerate(args.methods):
         seeds = [r for r in runs.values() if r['method'] == name]
         steps = [e['step'] for e in seeds[0]['evals']]
         x = [s * statistics.mean(r['step_seconds'] for r in seeds) for s in steps]
         for ax, task in zip(axes, panels):
             y = [100 * statistics.mean(r['evals'][i][task] for r in seeds) for i in range(len(steps))]
-            ax.plot(x, y, marker='o', ms=3, label=name, ls='--' if '-' in name else '-')
+            ax.plot(x, y, marker='o', ms=3, label=name, ls='--' if '-' in name else '-', color=colours(i % 20))
     for ax, task in zip(axes, panels):
         ax.set_title(task)
         ax.set_xlabel('training seconds')
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('accuracy / recall (%)')
-    axes[-1].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc='center left', bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle(f'{args.model}, batch {args.batch_size}, mean of seeds {args.seeds}, {device_name(default_device())}')
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches='tight')
 
 # ----------------------------------------------------------------------------- main
 

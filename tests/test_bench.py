@@ -73,7 +73,10 @@ def test_verdicts():
     assert bench.verdict(mixed, low, 'beats') == 'not reproduced'  # two ahead, but one behind
     assert bench.verdict(high, high, 'beats') == 'not reproduced: within noise'
     assert bench.verdict(high, high, 'matches') == 'reproduced' and bench.verdict(low, high, 'matches') == 'not reproduced'
-    assert bench.sign((0.25, 0.03), (0.20, 0.03)) == '≈'  # a 5-point gap inside 6 points of spread
+    task = 'zeroshot/object'
+    assert bench.sign((0.25, 0.03), (0.20, 0.03), task) == '≈'  # a 5-point gap inside 6 points of spread
+    assert bench.sign((0.21, 0.0), (0.20, 0.0), task) == '≈'  # 1 point: inside the 1200-image set's sampling error
+    assert bench.sign((0.24, 0.0), (0.20, 0.0), task) == '↑'  # 4 points: outside it (1.7 points)
     assert bench.verdict(dict(high, seeds=1), low, 'beats').startswith('n/a')  # one seed: no spread, no verdict
     teacher = {'zeroshot/object': (0.20, 0.0)}
     assert bench.verdict({'zeroshot/object': (0.19, 0.0)}, teacher, 'teacher').startswith('reproduced')
