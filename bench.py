@@ -363,6 +363,7 @@ CONFIGS = {  # name: (script, flags beyond the shared budget)
     'aclip-random-1view-cliponly': ('attentive_mask_clip.py', ['--mask', 'random', '--views', '1', '--simclr-weight',
                                                                 '0', '--byol-weight', '0', '--time-steps', '0']),
     'maskclip': ('maskclip.py', ['--time-steps', '0']),
+    'maskclip-masked-view': ('maskclip.py', ['--clip-view', 'masked', '--time-steps', '0']),  # no full-image pass
     'uniclip': ('uniclip.py', []),
     'uniclip-no-aug-embed': ('uniclip.py', ['--aug-embed', 'none']),
     'uniclip-infonce': ('uniclip.py', ['--loss', 'infonce']),
@@ -378,6 +379,8 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
      'table)', 'aclip-1view-cliponly', 'aclip-random-1view-cliponly', 'beats'),
     ('A-CLIP: beats CLIP', 'aclip', 'clip', 'beats'),
     ('MaskCLIP: beats CLIP', 'maskclip', 'clip', 'beats'),
+    ('MaskCLIP with the CLIP term on the masked pass (no full-image pass): beats CLIP', 'maskclip-masked-view', 'clip',
+     'beats'),
     ('UniCLIP: beats CLIP', 'uniclip', 'clip', 'beats'),
     ('UniCLIP: the augmentation-aware embedding helps', 'uniclip', 'uniclip-no-aug-embed', 'beats'),
     ('UniCLIP: MP-NCE beats InfoNCE with shared denominators', 'uniclip', 'uniclip-infonce', 'beats'),
