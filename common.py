@@ -173,10 +173,12 @@ class CLIP(nn.Module):
         x = self.token_embedding(text) + self.positional_embedding
         return self.ln_final(self.transformer(x, causal))
 
+    def pool_text(self, tokens, text):
+        """text_tokens' output (B, T, width) -> (B, embed_dim): the end-of-text token (the largest id), projected."""
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), text.argmax(dim=-1)] @ self.text_projection
+
     def encode_text(self, text, normalize=False):
-        x = self.text_tokens(text)
-        x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # end-of-text token: the largest id
-        x = x @ self.text_projection
+        x = self.pool_text(self.text_tokens(text), text)
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, image, text, ids_keep=None):
@@ -310,7 +312,11 @@ def world_size():
 
 
 def cleanup():
+    """Every rank calls this last. The barrier: no rank tears the process group down while another still works
+    (rank 0 saving or exporting); a precaution after a rank aborted at shutdown ('terminate called without an active
+    exception') in the 2-process test, three times in a row, and not since."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
