@@ -64,7 +64,8 @@ SDPA_CPU_FLOPS = {  # torch's flop counter has formulas for the CUDA attention k
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAPER_RATIO = {'clip': '1.00', 'flip50': '0.50 (FLOPs 0.52)', 'flip75': '0.33 (FLOPs 0.28)', 'uta': 'not published',
-               'aclip': '1.16', 'maskclip': '1.56', 'uniclip': 'not published'}
+               'aclip': '1.16', 'maskclip': '1.56', 'maskclip-masked-view': '(a variant)',
+               'maskclip-shared-text': '(a variant)', 'uniclip': 'not published'}
 
 # ----------------------------------------------------------------------------- speed: one training step per method
 
@@ -132,10 +133,10 @@ def aclip_step(model_name, batch_size, device):
     return model, loss, lambda: aclip.update_ema(ema, model, 0.999)
 
 
-def maskclip_step(model_name, batch_size, device):
-    """MaskCLIP's default step: CLIP on the full image, the masked pass + decoder against the EMA teacher's online
-    tokenizer, text MLM; then the EMA and centre updates."""
-    args = maskclip.get_args(['--model', model_name])
+def maskclip_step(model_name, batch_size, device, *flags):
+    """MaskCLIP's step (default: CLIP on the full image, the masked pass + decoder against the EMA teacher's online
+    tokenizer, text MLM on a second, bidirectional text pass; then the EMA and centre updates), or with `flags`."""
+    args = maskclip.get_args(['--model', model_name, *flags])
     cfg = common.model_config(model_name)
     model = maskclip.MaskCLIP(cfg, args).to(device)
     teacher = copy.deepcopy(model.distilled()).requires_grad_(False)
@@ -176,7 +177,10 @@ def uniclip_step(model_name, batch_size, device):
 
 STEPS = {'clip': lambda m, b, d: clip_step(m, b, d, 0.0), 'flip50': lambda m, b, d: clip_step(m, b, d, 0.5),
          'flip75': lambda m, b, d: clip_step(m, b, d, 0.75), 'uta': uta_step, 'aclip': aclip_step,
-         'maskclip': maskclip_step, 'uniclip': uniclip_step}
+         'maskclip': maskclip_step,
+         'maskclip-masked-view': lambda m, b, d: maskclip_step(m, b, d, '--clip-view', 'masked'),
+         'maskclip-shared-text': lambda m, b, d: maskclip_step(m, b, d, '--mlm-pass', 'shared'),
+         'uniclip': uniclip_step}
 
 # ----------------------------------------------------------------------------- speed: measuring
 
@@ -326,7 +330,8 @@ def open_clip_tower(args, device, amp):
 
 def speed_report(args, device, rows, matmul, towers):
     machine = device_name(device)
-    lines = [f'Step cost, `python bench.py speed --model {args.model} --batch-size {args.batch_size}` on {machine}, '
+    subset = '' if args.methods == list(STEPS) else f' --methods {" ".join(args.methods)}'
+    lines = [f'Step cost, `python bench.py speed --model {args.model} --batch-size {args.batch_size}{subset}` on {machine}, '
              f'{"bf16 autocast" if bf16(args, device) else "fp32"}, eager, '
              f'median of {args.rounds} interleaved rounds. Matmul reference: {matmul / 1e12:.3f} TFLOP/s.', '',
              '| method | step (ms) | × CLIP | paper × CLIP | GFLOP/step | FLOPs × CLIP | % of matmul FLOP/s | '
@@ -364,6 +369,7 @@ CONFIGS = {  # name: (script, flags beyond the shared budget)
                                                                 '0', '--byol-weight', '0', '--time-steps', '0']),
     'maskclip': ('maskclip.py', ['--time-steps', '0']),
     'maskclip-masked-view': ('maskclip.py', ['--clip-view', 'masked', '--time-steps', '0']),  # no full-image pass
+    'maskclip-shared-text': ('maskclip.py', ['--mlm-pass', 'shared', '--time-steps', '0']),  # no second text pass
     'uniclip': ('uniclip.py', []),
     'uniclip-no-aug-embed': ('uniclip.py', ['--aug-embed', 'none']),
     'uniclip-infonce': ('uniclip.py', ['--loss', 'infonce']),
@@ -381,6 +387,8 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
     ('MaskCLIP: beats CLIP', 'maskclip', 'clip', 'beats'),
     ('MaskCLIP with the CLIP term on the masked pass (no full-image pass): beats CLIP', 'maskclip-masked-view', 'clip',
      'beats'),
+    ('MaskCLIP with MLM on the CLIP text pass (no second, bidirectional pass): matches the default',
+     'maskclip-shared-text', 'maskclip', 'matches'),
     ('UniCLIP: beats CLIP', 'uniclip', 'clip', 'beats'),
     ('UniCLIP: the augmentation-aware embedding helps', 'uniclip', 'uniclip-no-aug-embed', 'beats'),
     ('UniCLIP: MP-NCE beats InfoNCE with shared denominators', 'uniclip', 'uniclip-infonce', 'beats'),
@@ -558,7 +566,8 @@ def get_args(argv=None):
     p.add_argument('--model', default='tiny', help='tiny, or an open_clip ViT config name such as ViT-B-16')
     p.add_argument('--batch-size', type=int, default=64, help='the same for every method')
     p.add_argument('--methods', nargs='+', default=None, help='default: all (speed: clip flip50 flip75 uta aclip '
-                   'maskclip uniclip; quality: also the A-CLIP masking ablation and the three UniCLIP ablations)')
+                   'maskclip and two variants, uniclip; quality: also the A-CLIP masking ablation and the three '
+                   'UniCLIP ablations)')
     p.add_argument('--out', default='bench', help='folder for the tables (and quality.png)')
     g = p.add_argument_group('speed')
     g.add_argument('--rounds', type=int, default=10, help='timed rounds (one step of every method each)')

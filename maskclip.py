@@ -35,6 +35,10 @@ Reconstructed (not recoverable from public material), each a flag
   BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never moves. The masked caption runs
   through the text tower bidirectionally (`text_tokens(causal=False)`); the decoder's outputs at the masked positions
   are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are scored).
+- --mlm-pass bidirectional: the summaries do not say whether MLM has a text-tower pass of its own. 'shared' gives it
+  none: the CLIP text pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked
+  caption, as in FLIP's text masking) and the text decoder, which attends both ways, gives each masked token its
+  right-hand context. One text pass per step instead of two.
 - --lambda-img 0.1 --lambda-txt 0.1; with both 0 the step is exactly flip.py's CLIP step (--mask-ratio 0): no teacher,
   no decoders, the same optimiser (AdamW, betas 0.9/0.95).
 - The learning rate, 5e-4 x global batch / 4096: a guess (SLIP's YFCC-15M rate; the paper compares against SLIP).
@@ -43,12 +47,16 @@ Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 
 step costs ~3.3 of flip.py's: about 5 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip
 on the synthetic data.
 
-Cost against a CLIP step on the same batch (the paper's only figure, via A-CLIP's table: 1.56x on ViT-B/16).
---clip-view full adds a quarter-length student pass, a forward-only teacher pass, a second (bidirectional) text pass,
-the decoders, the prototype head and the vocabulary scores; 'masked' drops the full image pass. Measured as CPU time
-per step, one thread, steps interleaved, median ratio:
-    ViT-B/16, 224 px, batch 4:  full 1.69x   masked 1.01x   masked with --mask-ratio 0.5 1.21x
-    tiny, batch 128:            full 2.18x   masked 1.46x   (its text tower weighs more against its image tower)
+Cost against a CLIP step on the same batch (the paper's only figure, via A-CLIP's table: 1.56x on ViT-B/16). The
+default adds a quarter-length student pass, a forward-only teacher pass, a second (bidirectional) text pass, the
+decoders, the prototype head and the vocabulary scores; --mlm-pass shared drops the second text pass, --clip-view
+masked the full-image pass. `bench.py speed --methods clip maskclip maskclip-masked-view maskclip-shared-text`,
+2 CPU cores, fp32, time x CLIP (FLOPs x CLIP):
+    ViT-B/16, batch 8:  default 2.00x (1.70x)   --mlm-pass shared 1.90x (1.56x)   --clip-view masked 1.01x (0.85x)
+    tiny, batch 64:     default 2.00x (2.10x)   --mlm-pass shared 1.73x (1.84x)   --clip-view masked 1.34x (1.35x)
+By FLOPs, --mlm-pass shared is the published 1.56x. On the CPU the time stays above the FLOPs: torch.profiler puts
+about 1 s of the 9 s ViT-B/16 step in memory-bound work of this method (the dense 49,408 x 512 gradient of the tied
+vocabulary scores, its zero-fill and accumulation; the 8192-way prototype softmaxes). Not measured on a GPU.
 Every finished run times both steps on its last batch and logs and prints the ratio (--time-steps).
 
 Launch
@@ -108,6 +116,9 @@ def get_args(argv=None):
     g.add_argument('--clip-view', default='full', choices=['full', 'masked'], help='image of the CLIP term: the full '
                    'image (a second student pass), or the masked pass the decoder uses (FLIP-style, cheaper; '
                    'with --lambda-img > 0)')
+    g.add_argument('--mlm-pass', default='bidirectional', choices=['bidirectional', 'shared'], help='text tower pass '
+                   'of MLM: a second, bidirectional pass over the masked caption, or the CLIP pass itself (causal) '
+                   'reading the masked caption, the bidirectional decoder supplying the right context (cheaper)')
     args = p.parse_args(argv)
     args.prototypes = args.prototypes or (256 if args.model == 'tiny' else 8192)
     if args.lambda_img < 0 or args.lambda_txt < 0:
@@ -230,6 +241,7 @@ class MaskCLIP(nn.Module):
         if args.lambda_txt > 0:
             self.txt_decoder = TextDecoder(t.width, t.resblocks[0].attn.heads, args.decoder_depth)
         self.clip_on_masked = args.clip_view == 'masked'
+        self.mlm_shared = args.mlm_pass == 'shared'
 
     def distilled(self):
         """What the EMA teacher copies: the image tower and the tokenizer head (same structure, same order)."""
@@ -244,10 +256,15 @@ class MaskCLIP(nn.Module):
             image_features = F.normalize(self.clip.visual.pool(tokens) @ self.clip.visual.proj, dim=-1)
         else:
             image_features = self.clip.encode_image(images, normalize=True)  # the full image
-        text_features, logit_scale = self.clip.encode_text(texts, normalize=True), self.clip.logit_scale.exp()
-        if masked_texts is not None:
-            hidden = self.txt_decoder(self.clip.text_tokens(masked_texts, causal=False))  # (B, T, width)
-        return image_features, text_features, logit_scale, pred, hidden
+        if masked_texts is not None and self.mlm_shared:  # --mlm-pass shared: one causal pass of the masked caption
+            words = self.clip.text_tokens(masked_texts)  # (B, T, width)
+            text_features = F.normalize(self.clip.pool_text(words, masked_texts), dim=-1)  # MASK_ID < EOT: same place
+            hidden = self.txt_decoder(words)  # (B, T, width): the decoder attends both ways
+        else:
+            text_features = self.clip.encode_text(texts, normalize=True)
+            if masked_texts is not None:
+                hidden = self.txt_decoder(self.clip.text_tokens(masked_texts, causal=False))  # (B, T, width)
+        return image_features, text_features, self.clip.logit_scale.exp(), pred, hidden
 
 
 @torch.no_grad()

@@ -20,6 +20,9 @@ def test_speed_table(tmp_path):
     # (UniCLIP): each costs more FLOPs than CLIP
     for name in ('aclip', 'maskclip', 'uniclip'):
         assert rows[name]['flop_ratio'] > 1, name
+    # MaskCLIP's variants drop a pass each: the full-image pass, or the second (bidirectional) text pass
+    for name in ('maskclip-masked-view', 'maskclip-shared-text'):
+        assert rows[name]['flops'] < rows['maskclip']['flops'] and rows[name]['saved_MiB'] < rows['maskclip']['saved_MiB']
     for row in rows.values():
         assert row['seconds'] > 0 and 0 < row['of_matmul'] and row['flops'] > 0
     assert set(result['vision_tower']) == {'common.py', 'open_clip'}

@@ -148,6 +148,28 @@ def test_mlm_pass_is_bidirectional():
     assert torch.allclose(causal[0][0, 3], causal[1][0, 3], atol=1e-6)  # causal: the masked token cannot see what follows
     assert (hidden[0][0, 3] - hidden[1][0, 3]).abs().max() > 1e-3  # bidirectional: it does
 
+
+def test_shared_mlm_pass_is_the_clip_pass_of_the_masked_caption():
+    texts = common.tokenizer_for(CFG)(captions(6))
+    masked, _ = maskclip.text_masking(texts, 0.15, torch.Generator().manual_seed(0))
+    images = torch.randn(6, 3, 64, 64)
+
+    def forward(model):  # -> the model's outputs and the causal flag of each text-tower pass
+        passes = []
+        hook = model.clip.transformer.register_forward_hook(lambda module, args, out: passes.append(args[1]))
+        with torch.no_grad():
+            out = model(images, texts, masked_texts=masked)
+        hook.remove()
+        return out, passes
+    assert forward(student().eval())[1] == [True, False]  # the default: CLIP's causal pass and a bidirectional one
+    model = student('--mlm-pass', 'shared').eval()
+    (_, text_features, _, _, hidden), passes = forward(model)
+    assert passes == [True]  # one text pass, causal, over the masked caption
+    with torch.no_grad():
+        assert torch.allclose(text_features, model.clip.encode_text(masked, normalize=True), atol=1e-6)
+        assert not torch.allclose(text_features, model.clip.encode_text(texts, normalize=True), atol=1e-3)
+        assert torch.allclose(hidden, model.txt_decoder(model.clip.text_tokens(masked, causal=True)), atol=1e-6)
+
 # ----------------------------------------------------------------------------- EMA teacher, lambda = 0
 
 
