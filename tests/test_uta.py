@@ -221,6 +221,27 @@ def test_exact_resume_across_both_stages(tmp_path, teacher_dir, monkeypatch):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_unmasked_fraction_ends_the_alignment_on_every_patch(tmp_path, teacher_dir, monkeypatch, capsys):
+    ratios, real = [], uta.block_masking
+
+    def spy(batch, grid, ratio, generator):
+        ratios.append(ratio)
+        return real(batch, grid, ratio, generator)
+    monkeypatch.setattr(uta, 'block_masking', spy)
+    monkeypatch.setattr(common, 'evaluate', lambda *args: {})
+    argv = BASE + ['--teacher', f'local-dir:{teacher_dir}', '--steps', '4', '--save-every', '100']
+    assert uta.main(argv + ['--unmasked-fraction', '0.5', '--out', str(tmp_path / 'run')]) == 4
+    assert ratios == [0.5, 0.5, 0.0, 0.0]
+    ids_keep = real(8, (8, 8), 0.0, torch.Generator().manual_seed(0))  # ratio 0: every patch, each once
+    assert torch.equal(ids_keep.sort(dim=1).values, torch.arange(64).expand(8, 64))
+    capsys.readouterr()  # the run's progress bar
+    with pytest.raises(SystemExit) as exit_info:
+        uta.main(argv + ['--unmasked-fraction', '1.5', '--out', str(tmp_path / 'bad')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == ['error: --unmasked-fraction must be in [0, 1]']
+    assert uta.get_args([]).unmasked_fraction == 0.5 and uta.get_args(['--model', 'ViT-B-16']).unmasked_fraction == 0
+
+
 def test_missing_teacher_exits_2_with_how_to_make_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         uta.main(['--teacher', f'local-dir:{tmp_path / "none"}', '--out', str(tmp_path / 'o'), '--workers', '0'])
