@@ -439,6 +439,22 @@ def load_checkpoint(path, cfg=None):
     return state
 
 
+def resume_optimizer(optimizer, state, path, total):
+    """After a model resume (`state` None: a fresh run), the optimizer and RNG state from the checkpoint. A checkpoint
+    past this run's last step (nothing would train or be evaluated) or whose optimizer does not fit this run's (other
+    flags) is bad input: one line, exit 2."""
+    if state is None:
+        return
+    if state['step'] > total:
+        fail(f"cannot resume from {path}: it is at step {state['step']}, past this run's {total}; "
+             'give more --steps or another --out')
+    try:
+        optimizer.load_state_dict(state['optimizer'])
+    except ValueError as err:
+        fail(f'cannot resume from {path}: its optimizer does not fit this run ({str(err).splitlines()[0]})')
+    torch.set_rng_state(state['rng'])
+
+
 def _flat(d, prefix=''):
     out = {}
     for k, v in d.items():

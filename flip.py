@@ -143,9 +143,7 @@ def main(argv=None):
         return common.lr_at(step - args.steps, args.unmasked_tuning_steps, 0, args.lr / 100)
 
     optimizer = make_optimizer()
-    if state:
-        optimizer.load_state_dict(state['optimizer'])
-        torch.set_rng_state(state['rng'])
+    common.resume_optimizer(optimizer, state, resume, total)
 
     def checkpoint(step):
         if rank == 0:

@@ -430,9 +430,7 @@ def main(argv=None):
 
     # optimizer (flip.py's, so that lambda = 0 is its CLIP step exactly)
     optimizer = torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95))
-    if state:
-        optimizer.load_state_dict(state['optimizer'])
-        torch.set_rng_state(state['rng'])
+    common.resume_optimizer(optimizer, state, resume, args.steps)
 
     def checkpoint(step):
         if rank == 0:

@@ -39,7 +39,7 @@ positions). The student's width and depth come from --model, its embedding dimen
 teacher, and it pools CLS (the aligned token). Why the unmasked half: the synthetic objects are a few patches wide
 on an 8x8 grid, and half-image visible blocks often hide the object whose name the CLS token must predict. On the
 64-way object task the student reached 0.70x its teacher with 800 masked steps at lr 1e-3, and 1.00x / 0.88x
-(seeds 0 / 1) with this default, in 4.3-4.4 minutes (README, Results).
+(seeds 0 / 1) with this default, in 4.3-4.6 minutes (README, Results).
 
 Launch
     python flip.py && python uta.py                  # CPU: distil runs/flip's CLIP into a tiny ViT, results in runs/uta/
@@ -326,9 +326,7 @@ def main(argv=None):
 
     optimizer = make_optimizer(start > args.steps)
     train_model = wrap()
-    if state:
-        optimizer.load_state_dict(state['optimizer'])
-        torch.set_rng_state(state['rng'])
+    common.resume_optimizer(optimizer, state, resume, total)
 
     def checkpoint(step):
         if rank == 0:

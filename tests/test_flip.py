@@ -193,6 +193,22 @@ def test_checkpoint_of_another_model_config_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and 'cannot resume' in err[-1] and 'vision_cfg.pool_type' in err[-1]
 
 
+def test_checkpoint_past_the_run_or_with_another_optimizer_is_refused(tmp_path, capsys):
+    run(tmp_path, '--steps', '2')
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, '--steps', '1')  # nothing would train or be evaluated
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1] == (f"error: cannot resume from {tmp_path / 'ckpt.pt'}: it is at "
+                                                     "step 2, past this run's 1; give more --steps or another --out")
+    state = common.load_checkpoint(tmp_path / 'ckpt.pt')
+    state['optimizer']['param_groups'][0]['params'].pop()  # an optimizer over other parameters
+    common.save_checkpoint(tmp_path / 'ckpt.pt', state)
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, '--steps', '3')
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and 'its optimizer does not fit this run' in err[-1]
+
+
 def test_compile_on_matches_eager(tmp_path):
     """The one torch.compile run of the suite (~40 s of start-up on a CPU)."""
     run(tmp_path / 'eager', '--steps', '2', '--compile', 'off')
