@@ -38,8 +38,8 @@ the second half unmasked (--unmasked-fraction 0.5), lr 2e-3, no crop or flip on 
 positions). The student's width and depth come from --model, its embedding dimension and text tower from the
 teacher, and it pools CLS (the aligned token). Why the unmasked half: the synthetic objects are a few patches wide
 on an 8x8 grid, and half-image visible blocks often hide the object whose name the CLS token must predict. On the
-64-way object task the student reached 0.70x its teacher with 800 masked steps at lr 1e-3, and 1.00x / 0.88x
-(seeds 0 / 1) with this default, in 4.3-4.6 minutes (README, Results).
+64-way object task the student reached 0.70x its teacher with 800 masked steps at lr 1e-3, and 1.00x / 0.88x /
+0.88x (seeds 0 / 1 / 2) with this default, in 4.3-4.6 minutes (README, Results).
 
 Launch
     python flip.py && python uta.py                  # CPU: distil runs/flip's CLIP into a tiny ViT, results in runs/uta/
