@@ -522,13 +522,13 @@ def plot(args, runs, path):
     panels = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/object_heldout', 'retrieval/image_to_text_R@1']
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     colours = plt.get_cmap('tab20')
-    for i, name in enumerate(args.methods):
+    for k, name in enumerate(args.methods):
         seeds = [r for r in runs.values() if r['method'] == name]
         steps = [e['step'] for e in seeds[0]['evals']]
         x = [s * statistics.mean(r['step_seconds'] for r in seeds) for s in steps]
         for ax, task in zip(axes, panels):
             y = [100 * statistics.mean(r['evals'][i][task] for r in seeds) for i in range(len(steps))]
-            ax.plot(x, y, marker='o', ms=3, label=name, ls='--' if '-' in name else '-', color=colours(i % 20))
+            ax.plot(x, y, marker='o', ms=3, label=name, ls='--' if '-' in name else '-', color=colours(k % 20))
     for ax, task in zip(axes, panels):
         ax.set_title(task)
         ax.set_xlabel('training seconds')
@@ -547,7 +547,7 @@ def fmt(x):
 
 
 def bf16(args, device):
-    return args.precision == 'bf16' or (args.precision == 'auto' and device.type == 'cuda')  # common.autocast's rule
+    return isinstance(common.autocast(device, args.precision), torch.autocast)  # common.autocast's rule, not a copy
 
 
 def default_device():
