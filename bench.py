@@ -63,9 +63,11 @@ SDPA_CPU_FLOPS = {  # torch's flop counter has formulas for the CUDA attention k
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = {'flip.py': flip, 'uta.py': uta, 'attentive_mask_clip.py': aclip, 'maskclip.py': maskclip,
+           'uniclip.py': uniclip}
 PAPER_RATIO = {'clip': '1.00', 'flip50': '0.50 (FLOPs 0.52)', 'flip75': '0.33 (FLOPs 0.28)', 'uta': 'not published',
-               'aclip': '1.16', 'maskclip': '1.56', 'maskclip-masked-view': '(a variant)',
-               'maskclip-shared-text': '(a variant)', 'uniclip': 'not published'}
+               'aclip': '1.16', 'maskclip': '1.56', 'maskclip-bidirectional-text': '(a variant)',
+               'maskclip-masked-view': '(a variant)', 'uniclip': 'not published'}
 
 # ----------------------------------------------------------------------------- speed: one training step per method
 
@@ -134,8 +136,9 @@ def aclip_step(model_name, batch_size, device):
 
 
 def maskclip_step(model_name, batch_size, device, *flags):
-    """MaskCLIP's step (default: CLIP on the full image, the masked pass + decoder against the EMA teacher's online
-    tokenizer, text MLM on a second, bidirectional text pass; then the EMA and centre updates), or with `flags`."""
+    """MaskCLIP's step (default: CLIP on the full image and the masked caption, the masked image pass + decoder
+    against the EMA teacher's online tokenizer, MLM from the CLIP text pass; then the EMA and centre updates), or
+    with `flags`."""
     args = maskclip.get_args(['--model', model_name, *flags])
     cfg = common.model_config(model_name)
     model = maskclip.MaskCLIP(cfg, args).to(device)
@@ -178,8 +181,8 @@ def uniclip_step(model_name, batch_size, device):
 STEPS = {'clip': lambda m, b, d: clip_step(m, b, d, 0.0), 'flip50': lambda m, b, d: clip_step(m, b, d, 0.5),
          'flip75': lambda m, b, d: clip_step(m, b, d, 0.75), 'uta': uta_step, 'aclip': aclip_step,
          'maskclip': maskclip_step,
+         'maskclip-bidirectional-text': lambda m, b, d: maskclip_step(m, b, d, '--mlm-pass', 'bidirectional'),
          'maskclip-masked-view': lambda m, b, d: maskclip_step(m, b, d, '--clip-view', 'masked'),
-         'maskclip-shared-text': lambda m, b, d: maskclip_step(m, b, d, '--mlm-pass', 'shared'),
          'uniclip': uniclip_step}
 
 # ----------------------------------------------------------------------------- speed: measuring
@@ -368,8 +371,8 @@ CONFIGS = {  # name: (script, flags beyond the shared budget)
     'aclip-random-1view-cliponly': ('attentive_mask_clip.py', ['--mask', 'random', '--views', '1', '--simclr-weight',
                                                                 '0', '--byol-weight', '0', '--time-steps', '0']),
     'maskclip': ('maskclip.py', ['--time-steps', '0']),
+    'maskclip-bidirectional-text': ('maskclip.py', ['--mlm-pass', 'bidirectional', '--time-steps', '0']),  # 2nd text pass
     'maskclip-masked-view': ('maskclip.py', ['--clip-view', 'masked', '--time-steps', '0']),  # no full-image pass
-    'maskclip-shared-text': ('maskclip.py', ['--mlm-pass', 'shared', '--time-steps', '0']),  # no second text pass
     'uniclip': ('uniclip.py', []),
     'uniclip-no-aug-embed': ('uniclip.py', ['--aug-embed', 'none']),
     'uniclip-infonce': ('uniclip.py', ['--loss', 'infonce']),
@@ -387,8 +390,8 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
     ('MaskCLIP: beats CLIP', 'maskclip', 'clip', 'beats'),
     ('MaskCLIP with the CLIP term on the masked pass (no full-image pass): beats CLIP', 'maskclip-masked-view', 'clip',
      'beats'),
-    ('MaskCLIP with MLM on the CLIP text pass (no second, bidirectional pass): matches the default',
-     'maskclip-shared-text', 'maskclip', 'matches'),
+    ('MaskCLIP: MLM from the CLIP text pass (the default) matches MLM on a second, bidirectional text pass',
+     'maskclip', 'maskclip-bidirectional-text', 'matches'),
     ('UniCLIP: beats CLIP', 'uniclip', 'clip', 'beats'),
     ('UniCLIP: the augmentation-aware embedding helps', 'uniclip', 'uniclip-no-aug-embed', 'beats'),
     ('UniCLIP: MP-NCE beats InfoNCE with shared denominators', 'uniclip', 'uniclip-infonce', 'beats'),
@@ -400,12 +403,24 @@ TASKS = ['zeroshot/shape', 'zeroshot/colour', 'zeroshot/position', 'zeroshot/obj
          'retrieval/image_to_text_R@1', 'retrieval/text_to_image_R@1']
 
 
+def read_args(path):
+    with open(os.path.join(path, 'args.json')) as f:
+        return json.load(f)
+
+
+def changed_flags(new, old):
+    """What differs between the arguments a script parses now (`new`, a Namespace) and a finished run's args.json
+    (`old`): a flag given otherwise, a default changed, a flag added since. Unset (None) values are filled by the run
+    itself and the output folder may have moved, so neither counts."""
+    return [f'--{k.replace("_", "-")}: {old.get(k, "(none)")} then, {v} now' for k, v in vars(new).items()
+            if v is not None and k != 'out' and old.get(k, '(none)') != v]
+
+
 def read_run(path):
     """A finished run's log -> (eval records by step, median seconds per training step)."""
     with open(os.path.join(path, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(path, 'args.json')) as f:
-        batch_size = json.load(f)['batch_size']
+    batch_size = read_args(path)['batch_size']
     evals = [r for r in records if any(k.startswith('zeroshot/') for k in r)]
     step_s = statistics.median(batch_size / r['samples_per_sec'] for r in records if 'samples_per_sec' in r)
     return evals, step_s
@@ -417,22 +432,23 @@ def quality(args):
         for name in args.methods:
             script, flags = CONFIGS[name]
             out = os.path.join(args.runs, f'{name}-s{seed}')
+            done = os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json'))
             steps = args.steps
-            if name == 'flip50-equal-time':  # as many FLIP steps as fit in the CLIP run's training seconds
-                steps = round(runs[f'clip-s{seed}']['train_seconds'] / runs[f'flip50-s{seed}']['step_seconds'])
+            if name == 'flip50-equal-time':  # as many FLIP steps as fit in CLIP's training seconds (a finished run: its own)
+                clip_s, flip_step_s = runs[f'clip-s{seed}']['train_seconds'], runs[f'flip50-s{seed}']['step_seconds']
+                steps = read_args(out)['steps'] if done else round(clip_s / flip_step_s)
             cmd = [sys.executable, os.path.join(ROOT, script), '--steps', str(steps), '--batch-size',
                    str(args.batch_size), '--seed', str(seed), '--out', out, '--eval-every', str(args.eval_every),
                    '--save-every', str(steps), '--model', args.model] + [f.format(runs=args.runs, seed=seed) for f in flags]
             cmd += ['--lr', str(args.lr)] if args.lr else []
-            done = os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json'))
-            if done:
-                with open(os.path.join(out, 'args.json')) as f:
-                    old = json.load(f)
-                if (old['batch_size'], old['model']) != (args.batch_size, args.model) or \
-                        (name != 'flip50-equal-time' and old['steps'] != steps):
-                    common.fail(f'{out} holds a run of another budget ({old["steps"]} steps of {old["batch_size"]}, '
-                                f'{old["model"]}); pass another --runs')
-                steps = old['steps']
+            if done:  # reused only if made with the flags this command gives now (defaults included)
+                try:
+                    changed = changed_flags(SCRIPTS[script].get_args(cmd[2:]), read_args(out))
+                except ValueError as err:
+                    common.fail(err)
+                if changed:
+                    common.fail(f'{out} holds a run made with other flags ({"; ".join(changed)}): delete it to rerun, '
+                                f'or pass another --runs')
             print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {'done already' if done else ' '.join(cmd[1:])}",
                   flush=True)
             wall = None

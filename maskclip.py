@@ -32,13 +32,18 @@ Reconstructed (not recoverable from public material), each a flag
   gets no gradients; evaluation and export use the student.
 - --text-mask-ratio 0.15 (BERT): per caption, round(0.15 x its word tokens), at least one, become [MASK]; start and
   end of text and padding never do; no 80/10/10 split. [MASK] is the existing id 49405 ('jekyll</w>', the last, rarest
-  BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never moves. The masked caption runs
-  through the text tower bidirectionally (`text_tokens(causal=False)`); the decoder's outputs at the masked positions
-  are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are scored).
-- --mlm-pass bidirectional: the summaries do not say whether MLM has a text-tower pass of its own. 'shared' gives it
-  none: the CLIP text pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked
-  caption, as in FLIP's text masking) and the text decoder, which attends both ways, gives each masked token its
-  right-hand context. One text pass per step instead of two.
+  BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never moves. The decoder's outputs at the
+  masked positions are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are
+  scored).
+- --mlm-pass shared: the summaries do not say whether MLM has a text-tower pass of its own. By default it has none:
+  the CLIP text pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked caption,
+  as with FLIP's text masking) and the text decoder, which attends both ways, gives each masked token its right-hand
+  context. 'bidirectional' adds a second pass of the text tower over the masked caption, bidirectional as BERT's
+  (`text_tokens(causal=False)`), and CLIP's text term keeps the intact caption. Why shared is the default: the only
+  published cost figures (A-CLIP's table, the same device for all rows: 1.56x CLIP's training time, 16 GB against
+  14 GB) leave no room for a second text pass. Beside CLIP's own step, the teacher's full-image forward, the quarter
+  student pass and the heads already make 1.56x CLIP's FLOPs at ViT-B/16; the second pass takes it to 1.70x. At the
+  same budget on the embedded data the two score the same (README, bench.py quality).
 - --lambda-img 0.1 --lambda-txt 0.1; with both 0 the step is exactly flip.py's CLIP step (--mask-ratio 0): no teacher,
   no decoders, the same optimiser (AdamW, betas 0.9/0.95).
 - The learning rate, 5e-4 x global batch / 4096: a guess (SLIP's YFCC-15M rate; the paper compares against SLIP).
@@ -48,15 +53,11 @@ step costs ~3.3 of flip.py's: about 5 min on 2 idle cores), lr 1e-3, 256 prototy
 on the synthetic data.
 
 Cost against a CLIP step on the same batch (the paper's only figure, via A-CLIP's table: 1.56x on ViT-B/16). The
-default adds a quarter-length student pass, a forward-only teacher pass, a second (bidirectional) text pass, the
-decoders, the prototype head and the vocabulary scores; --mlm-pass shared drops the second text pass, --clip-view
-masked the full-image pass. `bench.py speed --methods clip maskclip maskclip-masked-view maskclip-shared-text`,
-2 CPU cores, fp32, time x CLIP (FLOPs x CLIP):
-    ViT-B/16, batch 8:  default 2.00x (1.70x)   --mlm-pass shared 1.90x (1.56x)   --clip-view masked 1.01x (0.85x)
-    tiny, batch 64:     default 2.00x (2.10x)   --mlm-pass shared 1.73x (1.84x)   --clip-view masked 1.34x (1.35x)
-By FLOPs, --mlm-pass shared is the published 1.56x. On the CPU the time stays above the FLOPs: torch.profiler puts
-about 1 s of the 9 s ViT-B/16 step in memory-bound work of this method (the dense 49,408 x 512 gradient of the tied
-vocabulary scores, its zero-fill and accumulation; the 8192-way prototype softmaxes). Not measured on a GPU.
+default adds a quarter-length student pass, a forward-only teacher pass, the decoders, the prototype head and the
+vocabulary scores; --mlm-pass bidirectional adds a second text pass, --clip-view masked drops the full-image pass.
+`bench.py speed --methods clip maskclip maskclip-bidirectional-text maskclip-masked-view`, 2 CPU cores, fp32,
+time x CLIP (FLOPs x CLIP):
+MEASURE_PLACEHOLDER
 Every finished run times both steps on its last batch and logs and prints the ratio (--time-steps).
 
 Launch
@@ -116,9 +117,9 @@ def get_args(argv=None):
     g.add_argument('--clip-view', default='full', choices=['full', 'masked'], help='image of the CLIP term: the full '
                    'image (a second student pass), or the masked pass the decoder uses (FLIP-style, cheaper; '
                    'with --lambda-img > 0)')
-    g.add_argument('--mlm-pass', default='bidirectional', choices=['bidirectional', 'shared'], help='text tower pass '
-                   'of MLM: a second, bidirectional pass over the masked caption, or the CLIP pass itself (causal) '
-                   'reading the masked caption, the bidirectional decoder supplying the right context (cheaper)')
+    g.add_argument('--mlm-pass', default='shared', choices=['shared', 'bidirectional'], help='text tower pass of '
+                   'MLM: the CLIP pass itself (causal) reading the masked caption, the bidirectional decoder supplying '
+                   'the right context, or a second, bidirectional pass over the masked caption (costlier)')
     args = p.parse_args(argv)
     args.prototypes = args.prototypes or (256 if args.model == 'tiny' else 8192)
     if args.lambda_img < 0 or args.lambda_txt < 0:

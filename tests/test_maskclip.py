@@ -132,8 +132,8 @@ def test_text_masking_never_masks_special_tokens():
     assert torch.equal(masked.argmax(-1), texts.argmax(-1))  # encode_text's pooling position does not move
 
 
-def test_mlm_pass_is_bidirectional():
-    model = student().eval()
+def test_bidirectional_mlm_pass_sees_both_sides():
+    model = student('--mlm-pass', 'bidirectional').eval()
     tok = common.tokenizer_for(CFG)
     masked = tok(['a small red circle on the left'])
     masked[0, 3] = maskclip.MASK_ID  # 'red'
@@ -149,7 +149,7 @@ def test_mlm_pass_is_bidirectional():
     assert (hidden[0][0, 3] - hidden[1][0, 3]).abs().max() > 1e-3  # bidirectional: it does
 
 
-def test_shared_mlm_pass_is_the_clip_pass_of_the_masked_caption():
+def test_default_mlm_pass_is_the_clip_pass_of_the_masked_caption():
     texts = common.tokenizer_for(CFG)(captions(6))
     masked, _ = maskclip.text_masking(texts, 0.15, torch.Generator().manual_seed(0))
     images = torch.randn(6, 3, 64, 64)
@@ -161,13 +161,15 @@ def test_shared_mlm_pass_is_the_clip_pass_of_the_masked_caption():
             out = model(images, texts, masked_texts=masked)
         hook.remove()
         return out, passes
-    assert forward(student().eval())[1] == [True, False]  # the default: CLIP's causal pass and a bidirectional one
-    model = student('--mlm-pass', 'shared').eval()
+    (_, intact, _, _, _), passes = forward(student('--mlm-pass', 'bidirectional').eval())
+    assert passes == [True, False]  # CLIP's causal pass over the caption, and a bidirectional one for MLM
+    model = student().eval()
     (_, text_features, _, _, hidden), passes = forward(model)
     assert passes == [True]  # one text pass, causal, over the masked caption
     with torch.no_grad():
         assert torch.allclose(text_features, model.clip.encode_text(masked, normalize=True), atol=1e-6)
         assert not torch.allclose(text_features, model.clip.encode_text(texts, normalize=True), atol=1e-3)
+        assert torch.allclose(intact, model.clip.encode_text(texts, normalize=True), atol=1e-6)
         assert torch.allclose(hidden, model.txt_decoder(model.clip.text_tokens(masked, causal=True)), atol=1e-6)
 
 # ----------------------------------------------------------------------------- EMA teacher, lambda = 0
