@@ -19,7 +19,8 @@ speed (one process, the current device: CUDA if present, else CPU):
 - common.py's vision tower against open_clip's VisionTransformer of the same config with the same weights,
   forward + backward: throughput ratio and activation memory.
 Eager mode: no torch.compile, so the numbers are the code's as written. Models are randomly initialised (UTA's
-teacher is a frozen random CLIP of the student's size).
+teacher is a frozen random CLIP of the student's size). On a CPU with glibc, freed memory is kept for reuse
+(keep_freed_memory; --system-malloc to time without), as CUDA's caching allocator keeps it.
 
 quality: runs each method's script as a subprocess with the same --steps, --batch-size and seed (and the method's
 own defaults otherwise, --lr included unless given), evaluating every --eval-every steps, for each seed. UTA distils
@@ -33,6 +34,7 @@ Outputs in --out (default bench/): speed-<model>-<device>.{json,md}; quality.{js
 """
 import argparse
 import copy
+import ctypes
 import json
 import math
 import os
@@ -63,6 +65,8 @@ SDPA_CPU_FLOPS = {  # torch's flop counter has formulas for the CUDA attention k
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
 ROOT = os.path.dirname(os.path.abspath(__file__))
+MALLOC = {'kept': ', freed memory kept for reuse (glibc mallopt)', 'unchanged': ', the allocator as is (not glibc)',
+          'system': ''}  # what the speed table's header says of the CPU allocator
 SCRIPTS = {'flip.py': flip, 'uta.py': uta, 'attentive_mask_clip.py': aclip, 'maskclip.py': maskclip,
            'uniclip.py': uniclip}
 PAPER_RATIO = {'clip': '1.00', 'flip50': '0.50 (FLOPs 0.52)', 'flip75': '0.33 (FLOPs 0.28)', 'uta': 'not published',
@@ -248,6 +252,20 @@ def interleaved_medians(fns, rounds, warmup, device):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def keep_freed_memory():
+    """glibc hands freed blocks above its mmap threshold back to the OS, so each step page-faults its big tensors
+    in again, at a cost that grows with a method's transient memory (on this project's CPU, a second MaskCLIP text
+    pass looked 30% dearer than its FLOPs). CUDA's caching allocator keeps freed blocks; this makes glibc keep them too
+    (mallopt: no mmap below 1 GiB, no trimming of the heap), so CPU step times rank methods as their compute does.
+    Returns whether it took effect (False off glibc)."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+        return libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 2 ** 30) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def speed(args, device):
     amp = common.autocast(device, args.precision)
     dtype = torch.bfloat16 if bf16(args, device) else torch.float32
@@ -334,9 +352,11 @@ def open_clip_tower(args, device, amp):
 def speed_report(args, device, rows, matmul, towers):
     machine = device_name(device)
     subset = '' if args.methods == list(STEPS) else f' --methods {" ".join(args.methods)}'
+    subset += ' --system-malloc' if args.system_malloc else ''
     lines = [f'Step cost, `python bench.py speed --model {args.model} --batch-size {args.batch_size}{subset}` on {machine}, '
              f'{"bf16 autocast" if bf16(args, device) else "fp32"}, eager, '
-             f'median of {args.rounds} interleaved rounds. Matmul reference: {matmul / 1e12:.3f} TFLOP/s.', '',
+             f'median of {args.rounds} interleaved rounds{MALLOC[args.malloc]}. Matmul reference: '
+             f'{matmul / 1e12:.3f} TFLOP/s.', '',
              '| method | step (ms) | × CLIP | paper × CLIP | GFLOP/step | FLOPs × CLIP | % of matmul FLOP/s | '
              'saved for backward (MiB) |' + (' CUDA peak (MiB) |' if device.type == 'cuda' else ''),
              '|---|---|---|---|---|---|---|---|' + ('---|' if device.type == 'cuda' else '')]
@@ -589,6 +609,8 @@ def get_args(argv=None):
     g.add_argument('--rounds', type=int, default=10, help='timed rounds (one step of every method each)')
     g.add_argument('--warmup', type=int, default=2, help='rounds dropped before timing')
     g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'], help='auto: bf16 on CUDA')
+    g.add_argument('--system-malloc', action='store_true', help="on a CPU, time with glibc's default allocator "
+                   'settings (big freed blocks go back to the OS) instead of keeping freed memory for reuse')
     g = p.add_argument_group('quality')
     g.add_argument('--steps', type=int, default=400)
     g.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
@@ -628,6 +650,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.mode == 'speed':
         device = default_device()
+        args.malloc = 'system' if args.system_malloc or device.type != 'cpu' else \
+            'kept' if keep_freed_memory() else 'unchanged'
         rows, matmul, towers = speed(args, device)
         stem = os.path.join(args.out, f'speed-{args.model}-{device.type}')
         with open(stem + '.json', 'w') as f:

@@ -6,7 +6,8 @@ Not Zhou et al.'s training-free segmentation "MaskCLIP" (ECCV 2022), nor Ding et
 this paper exists, so everything below the paper's description is a reconstruction, and says so.
 
 What this file implements, from the paper ([abstract]: its abstract; [3rd]: third-party summaries of the full text)
-- CLIP's symmetric InfoNCE over the global batch (common.clip_loss) [abstract], here on the full image and caption.
+- CLIP's symmetric InfoNCE over the global batch (common.clip_loss) [abstract], here on the full image and the
+  caption (with MLM's masked tokens: --mlm-pass below).
 - Masked self-distillation: the representation of the full image is distilled into the representation the student
   predicts from a masked image, at local patch level [abstract]; the full image goes through an EMA ("mean") teacher
   and a small decoder makes the prediction, so that distillation does not fight the contrastive objective [3rd].
@@ -215,7 +216,8 @@ class PrototypeHead(nn.Module):
 
 
 class TextDecoder(nn.Module):
-    """MLM's own decoder on the bidirectional text tokens; its output is scored against the token embeddings."""
+    """MLM's own decoder, attending both ways over the text tower's tokens of the masked caption; its output is scored
+    against the token embeddings."""
 
     def __init__(self, width, heads, depth):
         super().__init__()
