@@ -65,8 +65,6 @@ SDPA_CPU_FLOPS = {  # torch's flop counter has formulas for the CUDA attention k
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MALLOC = {'kept': ', freed memory kept for reuse (glibc mallopt)', 'unchanged': ', the allocator as is (not glibc)',
-          'system': ''}  # what the speed table's header says of the CPU allocator
 SCRIPTS = {'flip.py': flip, 'uta.py': uta, 'attentive_mask_clip.py': aclip, 'maskclip.py': maskclip,
            'uniclip.py': uniclip}
 PAPER_RATIO = {'clip': '1.00', 'flip50': '0.50 (FLOPs 0.52)', 'flip75': '0.33 (FLOPs 0.28)', 'uta': 'not published',
@@ -256,14 +254,19 @@ def keep_freed_memory():
     """glibc hands freed blocks above its mmap threshold back to the OS, so each step page-faults its big tensors
     in again, at a cost that grows with a method's transient memory (on this project's CPU, a second MaskCLIP text
     pass looked 30% dearer than its FLOPs). CUDA's caching allocator keeps freed blocks; this makes glibc keep them too
-    (mallopt: no mmap below 1 GiB, no trimming of the heap), so CPU step times rank methods as their compute does.
-    Returns whether it took effect (False off glibc)."""
+    (mallopt: no mmap below 1 GiB, or 32 MiB where an older glibc caps it; no trimming of the heap), so CPU step times
+    rank methods as their compute does. Returns the mmap threshold set, in bytes, or 0 where nothing was set (no glibc).
+    """
     try:
         libc = ctypes.CDLL('libc.so.6')
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-        return libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 2 ** 30) == 1
-    except (OSError, AttributeError):
-        return False
+    except OSError:
+        return 0
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    for threshold in (2 ** 30, 2 ** 25):
+        if libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1:
+            libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+            return threshold
+    return 0
 
 
 def speed(args, device):
@@ -349,13 +352,20 @@ def open_clip_tower(args, device, amp):
     return result
 
 
+def malloc_note(args):
+    """What the speed table's header says of the CPU allocator."""
+    if args.malloc == 'kept':
+        return f', freed memory kept for reuse (glibc mallopt: no mmap below {args.malloc_threshold // 2 ** 20} MiB)'
+    return ', the allocator as is (not glibc)' if args.malloc == 'unchanged' else ''
+
+
 def speed_report(args, device, rows, matmul, towers):
     machine = device_name(device)
     subset = '' if args.methods == list(STEPS) else f' --methods {" ".join(args.methods)}'
     subset += ' --system-malloc' if args.system_malloc else ''
     lines = [f'Step cost, `python bench.py speed --model {args.model} --batch-size {args.batch_size}{subset}` on {machine}, '
              f'{"bf16 autocast" if bf16(args, device) else "fp32"}, eager, '
-             f'median of {args.rounds} interleaved rounds{MALLOC[args.malloc]}. Matmul reference: '
+             f'median of {args.rounds} interleaved rounds{malloc_note(args)}. Matmul reference: '
              f'{matmul / 1e12:.3f} TFLOP/s.', '',
              '| method | step (ms) | × CLIP | paper × CLIP | GFLOP/step | FLOPs × CLIP | % of matmul FLOP/s | '
              'saved for backward (MiB) |' + (' CUDA peak (MiB) |' if device.type == 'cuda' else ''),
@@ -429,11 +439,11 @@ def read_args(path):
 
 
 def changed_flags(new, old):
-    """What differs between the arguments a script parses now (`new`, a Namespace) and a finished run's args.json
-    (`old`): a flag given otherwise, a default changed, a flag added since. Unset (None) values are filled by the run
-    itself and the output folder may have moved, so neither counts."""
+    """What differs between the arguments a script resolves now (`new`, a Namespace, run-length defaults filled) and
+    a run's args.json (`old`): a flag given otherwise, a default changed, a flag added since. The output folder itself
+    may have moved, so it does not count."""
     return [f'--{k.replace("_", "-")}: {old.get(k, "(none)")} then, {v} now' for k, v in vars(new).items()
-            if v is not None and k != 'out' and old.get(k, '(none)') != v]
+            if k != 'out' and old.get(k, '(none)') != v]
 
 
 def read_run(path):
@@ -453,19 +463,23 @@ def quality(args):
             script, flags = CONFIGS[name]
             out = os.path.join(args.runs, f'{name}-s{seed}')
             done = os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json'))
+            started = os.path.exists(os.path.join(out, 'args.json'))  # finished, or stopped and resumed below
             steps = args.steps
-            if name == 'flip50-equal-time':  # as many FLIP steps as fit in CLIP's training seconds (a finished run: its own)
+            if name == 'flip50-equal-time':  # as many FLIP steps as fit in CLIP's training seconds (a run already here: its own)
                 clip_s, flip_step_s = runs[f'clip-s{seed}']['train_seconds'], runs[f'flip50-s{seed}']['step_seconds']
-                steps = read_args(out)['steps'] if done else round(clip_s / flip_step_s)
+                steps = read_args(out)['steps'] if started else round(clip_s / flip_step_s)
             cmd = [sys.executable, os.path.join(ROOT, script), '--steps', str(steps), '--batch-size',
                    str(args.batch_size), '--seed', str(seed), '--out', out, '--eval-every', str(args.eval_every),
                    '--save-every', str(steps), '--model', args.model] + [f.format(runs=args.runs, seed=seed) for f in flags]
             cmd += ['--lr', str(args.lr)] if args.lr else []
-            if done:  # reused only if made with the flags this command gives now (defaults included)
+            if started:  # reused or resumed only if made with the flags this command gives now (defaults included)
+                module = SCRIPTS[script]
                 try:
-                    changed = changed_flags(SCRIPTS[script].get_args(cmd[2:]), read_args(out))
+                    now = module.get_args(cmd[2:])
                 except ValueError as err:
                     common.fail(err)
+                common.fill_run_defaults(now, None, 1, steps, module.default_lr)
+                changed = changed_flags(now, read_args(out))
                 if changed:
                     common.fail(f'{out} holds a run made with other flags ({"; ".join(changed)}): delete it to rerun, '
                                 f'or pass another --runs')
@@ -650,8 +664,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.mode == 'speed':
         device = default_device()
-        args.malloc = 'system' if args.system_malloc or device.type != 'cpu' else \
-            'kept' if keep_freed_memory() else 'unchanged'
+        args.malloc_threshold, args.malloc = 0, 'system'
+        if device.type == 'cpu' and not args.system_malloc:
+            args.malloc_threshold = keep_freed_memory()
+            args.malloc = 'kept' if args.malloc_threshold else 'unchanged'
         rows, matmul, towers = speed(args, device)
         stem = os.path.join(args.out, f'speed-{args.model}-{device.type}')
         with open(stem + '.json', 'w') as f:

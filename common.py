@@ -268,9 +268,18 @@ def check_args(args, method):
 
 
 def finish_run_args(args, num_samples, world, synthetic_steps, default_lr):
+    """fill_run_defaults, then rank 0 writes args.json. Returns the global batch size."""
+    global_batch = fill_run_defaults(args, num_samples, world, synthetic_steps, default_lr)
+    if rank() == 0:
+        with open(os.path.join(args.out, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=2)
+    return global_batch
+
+
+def fill_run_defaults(args, num_samples, world, synthetic_steps, default_lr):
     """Fills the run-length defaults once the data is known: --steps (`synthetic_steps` on the embedded data, else
-    one pass over `num_samples`), --warmup (5% of --steps) and --lr (the method's `default_lr(args, global_batch)`);
-    rank 0 writes args.json. Returns the global batch size."""
+    one pass over `num_samples`), --warmup (5% of --steps) and --lr (the method's `default_lr(args, global_batch)`).
+    Returns the global batch size."""
     global_batch = args.batch_size * world
     if args.steps is None:
         if num_samples is None:
@@ -278,9 +287,6 @@ def finish_run_args(args, num_samples, world, synthetic_steps, default_lr):
         args.steps = synthetic_steps if args.dataset_type == 'synthetic' else max(1, num_samples // global_batch)
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     args.lr = args.lr or default_lr(args, global_batch)
-    if rank() == 0:
-        with open(os.path.join(args.out, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=2)
     return global_batch
 
 

@@ -36,9 +36,10 @@ Reconstructed (not recoverable from public material), each a flag
   BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never moves. The decoder's outputs at the
   masked positions are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are
   scored).
-- --mlm-pass shared: the summaries do not say whether MLM has a text-tower pass of its own. By default it has none:
-  the CLIP text pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked caption,
-  as with FLIP's text masking) and the text decoder, which attends both ways, gives each masked token its right-hand
+- --mlm-pass shared: the summaries do not say whether MLM has a text-tower pass of its own. The BERT-like
+  reconstruction gives it one ('bidirectional', this file's first default); the default gives it none: the CLIP text
+  pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked caption, as with
+  FLIP's text masking) and the text decoder, which attends both ways, gives each masked token its right-hand
   context. 'bidirectional' adds a second pass of the text tower over the masked caption, bidirectional as BERT's
   (`text_tokens(causal=False)`), and CLIP's text term keeps the intact caption. Why shared is the default: the only
   published cost figures (A-CLIP's table, the same device for all rows: 1.56x CLIP's training time, 16 GB against
@@ -60,8 +61,9 @@ cores, fp32, freed memory kept for reuse, time x CLIP (FLOPs x CLIP):
     ViT-B/16, batch 8:   default 1.58x (1.56x)   --mlm-pass bidirectional 1.71x (1.70x)   --clip-view masked 0.77x (0.70x)
     ViT-S/16, batch 16:  default 1.59x (1.54x)   --mlm-pass bidirectional 1.82x (1.81x)   --clip-view masked 0.91x (0.81x)
     tiny, batch 64:      default 1.78x (1.84x)   --mlm-pass bidirectional 1.99x (2.10x)   --clip-view masked 1.15x (1.10x)
-By FLOPs the default is the published 1.56x at ViT-B/16. The tiny model's ratio is higher because its one-block
-decoders and 49,408-way vocabulary scores are large beside a 3-layer text tower. Not measured on a GPU.
+At ViT-B/16 the default's FLOP ratio equals the published time ratio, 1.56x; its time here is 1.58x (a 3-round
+median). The tiny model's ratio is higher because its one-block decoders and 49,408-way vocabulary scores are large
+beside a 3-layer text tower. Not measured on a GPU.
 Every finished run times both steps on its last batch and logs and prints the ratio (--time-steps).
 
 Launch

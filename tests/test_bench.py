@@ -58,13 +58,22 @@ def test_quality_runs_and_reuses(tmp_path, capsys):
     capsys.readouterr()
     bench.main(argv)  # finished runs are read back, not trained again
     assert capsys.readouterr().out.count('done already') == 4
-    # ... but only those made with the flags the command gives now: a run of another mask ratio is refused
-    path = tmp_path / 'runs' / 'flip50-s0' / 'args.json'
-    path.write_text(json.dumps({**json.loads(path.read_text()), 'mask_ratio': 0.75}))
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
-    assert exit_info.value.code == 2
-    assert 'flip50-s0 holds a run made with other flags (--mask-ratio: 0.75 then, 0.5 now)' in capsys.readouterr().err
+    # ... but only those made with the flags the command gives now, defaults the run fills in itself included (--lr),
+    # finished or not: a stopped run would otherwise be resumed under other flags
+    runs = tmp_path / 'runs'
+
+    def refused(run, change, message):
+        path = runs / run / 'args.json'
+        saved = path.read_text()
+        path.write_text(json.dumps({**json.loads(saved), **change}))
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        path.write_text(saved)
+        assert exit_info.value.code == 2
+        assert f'{run} holds a run made with other flags ({message})' in capsys.readouterr().err
+    refused('clip-s0', {'lr': 0.5}, '--lr: 0.5 then, 0.001 now')
+    (runs / 'flip50-s0' / 'open_clip' / 'open_clip_config.json').unlink()  # as if stopped before the end
+    refused('flip50-s0', {'mask_ratio': 0.75}, '--mask-ratio: 0.75 then, 0.5 now')
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -117,7 +117,7 @@ def test_decoder_predicts_the_masked_positions_from_the_kept_patches_only():
         expected = torch.stack([teacher['head'](tokens[b, 1 + ids_mask[b]]) for b in range(2)])
     assert torch.allclose(target, expected, atol=1e-6) and not target.requires_grad
 
-# ----------------------------------------------------------------------------- text masking, bidirectional pass
+# ----------------------------------------------------------------------------- text masking, the MLM text pass
 
 
 def test_text_masking_never_masks_special_tokens():
@@ -171,6 +171,20 @@ def test_default_mlm_pass_is_the_clip_pass_of_the_masked_caption():
         assert not torch.allclose(text_features, model.clip.encode_text(texts, normalize=True), atol=1e-3)
         assert torch.allclose(intact, model.clip.encode_text(texts, normalize=True), atol=1e-6)
         assert torch.allclose(hidden, model.txt_decoder(model.clip.text_tokens(masked, causal=True)), atol=1e-6)
+
+
+def test_without_mlm_clip_reads_the_intact_caption():
+    args = maskclip.get_args(['--out', 'unused', '--lambda-txt', '0'])
+    model = student('--lambda-txt', '0')
+    teacher = copy.deepcopy(model.distilled()).requires_grad_(False)
+    seen = []
+
+    def train_model(*inputs):  # records the masked captions the model is given
+        seen.append(inputs[4])
+        return model(*inputs)
+    _, terms, _, _ = maskclip.losses(model, train_model, teacher, torch.zeros(args.prototypes), torch.randn(4, 3, 64, 64),
+                                     common.tokenizer_for(CFG)(captions(4)), args, torch.Generator().manual_seed(0))
+    assert model.txt_decoder is None and seen == [None] and set(terms) == {'clip_loss', 'distill_loss'}
 
 # ----------------------------------------------------------------------------- EMA teacher, lambda = 0
 
