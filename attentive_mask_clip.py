@@ -402,7 +402,7 @@ def main(argv=None):
 
     # optimizer and schedule
     optimizer = torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98))
-    common.resume_optimizer(optimizer, state, resume, args.steps)
+    common.resume_optimizer(optimizer, state, resume, args.steps, args)
 
     def checkpoint(step):
         if rank == 0:

@@ -438,14 +438,6 @@ def read_args(path):
         return json.load(f)
 
 
-def changed_flags(new, old):
-    """What differs between the arguments a script resolves now (`new`, a Namespace, run-length defaults filled) and
-    a run's args.json (`old`): a flag given otherwise, a default changed, a flag added since. The output folder itself
-    may have moved, so it does not count."""
-    return [f'--{k.replace("_", "-")}: {old.get(k, "(none)")} then, {v} now' for k, v in vars(new).items()
-            if k != 'out' and old.get(k, '(none)') != v]
-
-
 def read_run(path):
     """A finished run's log -> (eval records by step, median seconds per training step)."""
     with open(os.path.join(path, 'log.jsonl')) as f:
@@ -479,7 +471,7 @@ def quality(args):
                 except ValueError as err:
                     common.fail(err)
                 common.fill_run_defaults(now, None, 1, steps, module.default_lr)
-                changed = changed_flags(now, read_args(out))
+                changed = common.changed_args(now, read_args(out))
                 if changed:
                     common.fail(f'{out} holds a run made with other flags ({"; ".join(changed)}): delete it to rerun, '
                                 f'or pass another --runs')

@@ -445,12 +445,24 @@ def load_checkpoint(path, cfg=None):
     return state
 
 
-def resume_optimizer(optimizer, state, path, total):
+def changed_args(now, then, ignore=('out', 'resume')):
+    """The arguments that differ between `now` (a Namespace) and `then` (a run's saved arguments, a dict): a flag
+    given otherwise, a default changed, a flag added since; as '--name: then-value then, now-value now'."""
+    return [f'--{k.replace("_", "-")}: {then.get(k, "(none)")} then, {v} now' for k, v in vars(now).items()
+            if k not in ignore and then.get(k, '(none)') != v]
+
+
+def resume_optimizer(optimizer, state, path, total, args):
     """After a model resume (`state` None: a fresh run), the optimizer and RNG state from the checkpoint. A checkpoint
     past this run's last step (nothing would train or be evaluated) or whose optimizer does not fit this run's (other
-    flags) is bad input: one line, exit 2."""
+    flags) is bad input: one line, exit 2. One saved with other flags that fit (a longer --steps, a changed default)
+    resumes with a warning that names them."""
     if state is None:
         return
+    changed = changed_args(args, state.get('args', {}))
+    if changed:
+        print0(f'warning: {path} was saved by a run with other flags ({"; ".join(changed)}); resuming with the flags '
+               'given now', file=sys.stderr)
     if state['step'] > total:
         fail(f"cannot resume from {path}: it is at step {state['step']}, past this run's {total}; "
              'give more --steps or another --out')

@@ -143,7 +143,7 @@ def main(argv=None):
         return common.lr_at(step - args.steps, args.unmasked_tuning_steps, 0, args.lr / 100)
 
     optimizer = make_optimizer()
-    common.resume_optimizer(optimizer, state, resume, total)
+    common.resume_optimizer(optimizer, state, resume, total, args)
 
     def checkpoint(step):
         if rank == 0:

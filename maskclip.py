@@ -438,7 +438,7 @@ def main(argv=None):
 
     # optimizer (flip.py's, so that lambda = 0 is its CLIP step exactly)
     optimizer = torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95))
-    common.resume_optimizer(optimizer, state, resume, args.steps)
+    common.resume_optimizer(optimizer, state, resume, args.steps, args)
 
     def checkpoint(step):
         if rank == 0:

@@ -326,7 +326,7 @@ def main(argv=None):
 
     optimizer = make_optimizer(start > args.steps)
     train_model = wrap()
-    common.resume_optimizer(optimizer, state, resume, total)
+    common.resume_optimizer(optimizer, state, resume, total, args)
 
     def checkpoint(step):
         if rank == 0:

@@ -78,7 +78,7 @@ def test_smoke_learns_evaluates_and_exports(tmp_path):
 
 
 @pytest.mark.parametrize('k', [3, 8])
-def test_exact_resume(tmp_path, monkeypatch, k):
+def test_exact_resume(tmp_path, monkeypatch, k, capsys):
     """Interrupted at step k (8 = the switch to unmasked tuning), resumed: the same losses and weights, bit for bit."""
     tuning = ['--unmasked-tuning-steps', '4']
     run(tmp_path / 'full', *tuning)
@@ -86,7 +86,9 @@ def test_exact_resume(tmp_path, monkeypatch, k):
     assert run(tmp_path / 'part', *tuning) == k
     assert common.load_checkpoint(tmp_path / 'part' / 'ckpt.pt')['step'] == k
     monkeypatch.undo()
+    capsys.readouterr()
     assert run(tmp_path / 'part', *tuning) == 12
+    assert 'warning' not in capsys.readouterr().err  # the same flags: nothing to say
     assert losses(tmp_path / 'part') == losses(tmp_path / 'full')
     a = common.load_checkpoint(tmp_path / 'full' / 'ckpt.pt')
     b = common.load_checkpoint(tmp_path / 'part' / 'ckpt.pt')
@@ -207,6 +209,16 @@ def test_checkpoint_past_the_run_or_with_another_optimizer_is_refused(tmp_path, 
         run(tmp_path, '--steps', '3')
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and 'its optimizer does not fit this run' in err[-1]
+
+
+def test_resume_with_other_flags_names_them(tmp_path, capsys):
+    run(tmp_path, '--steps', '2')
+    capsys.readouterr()
+    run(tmp_path, '--steps', '3', '--mask-ratio', '0.25')  # a longer run, another ratio: it fits, so it goes on
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'ckpt.pt'} was saved by a run with other flags (" in err
+    assert '--steps: 2 then, 3 now' in err and '--mask-ratio: 0.5 then, 0.25 now' in err and '--out' not in err
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]
 
 
 def test_compile_on_matches_eager(tmp_path):
