@@ -457,7 +457,7 @@ def quality(args):
             done = os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json'))
             started = os.path.exists(os.path.join(out, 'args.json'))  # finished, or stopped and resumed below
             steps = args.steps
-            if name == 'flip50-equal-time':  # as many FLIP steps as fit in CLIP's training seconds (a run already here: its own)
+            if name == 'flip50-equal-time':  # the FLIP steps that fit in CLIP's training seconds (a run here: its own)
                 clip_s, flip_step_s = runs[f'clip-s{seed}']['train_seconds'], runs[f'flip50-s{seed}']['step_seconds']
                 steps = read_args(out)['steps'] if started else round(clip_s / flip_step_s)
             cmd = [sys.executable, os.path.join(ROOT, script), '--steps', str(steps), '--batch-size',
