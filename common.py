@@ -74,10 +74,14 @@ class Transformer(nn.Module):
         super().__init__()
         self.width, self.layers = width, layers
         self.resblocks = nn.ModuleList([Block(width, heads, mlp_ratio, act) for _ in range(layers)])
+        self.grad_checkpointing = False  # set by common.set_grad_checkpointing
 
     def forward(self, x, causal=False):
         for block in self.resblocks:
-            x = block(x, causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # keep only the block's input; recompute in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal)
         return x
 
     def init_weights(self):  # open_clip's text-tower init, used for both towers here
@@ -244,6 +248,12 @@ def add_common_args(p):
     g.add_argument('--lr', type=float, default=None, help='peak learning rate (default: see the method group)')
     g.add_argument('--wd', type=float, default=0.2, help='AdamW weight decay')
     g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--accum-freq', type=int, default=1, help='micro-batches of --batch-size per optimizer step: the '
+                   'global batch is accum-freq x batch-size x processes, with exactly its gradients')
+    g.add_argument('--grad-checkpointing', action='store_true', help='recompute every transformer block in backward')
+    g.add_argument('--grad-clip-norm', type=float, default=None, help='clip the global gradient norm (default: off)')
+    g.add_argument('--pretrained', default=None, help='initialise the CLIP from an open_clip pretrained tag of '
+                   '--model, a local-dir: folder or a ckpt.pt of any method here (weights only, fresh optimizer)')
     g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16'], help='auto: bf16 on CUDA')
     g.add_argument('--compile', default='auto', choices=['auto', 'on', 'off'], help='auto: on for CUDA')
     g = p.add_argument_group('output')
@@ -259,9 +269,12 @@ def check_args(args, method):
     """Fills run-dependent defaults; raises ValueError on flags that cannot work together."""
     args.out = args.out or os.path.join('runs', method)
     args.dataset_type = data.resolve_dataset_type(args.train_data, args.dataset_type)
-    for name, least in (('batch_size', 1), ('log_every', 1), ('save_every', 1), ('workers', 0), ('eval_every', 0)):
+    for name, least in (('batch_size', 1), ('accum_freq', 1), ('log_every', 1), ('save_every', 1), ('workers', 0),
+                        ('eval_every', 0)):
         if getattr(args, name) < least:
             raise ValueError(f'--{name.replace("_", "-")} must be at least {least}')
+    if args.grad_clip_norm is not None and not args.grad_clip_norm > 0:
+        raise ValueError('--grad-clip-norm must be > 0 (leave it out for no clipping)')
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f'--resume {args.resume} does not exist')
     return args
@@ -280,7 +293,7 @@ def fill_run_defaults(args, num_samples, world, synthetic_steps, default_lr):
     """Fills the run-length defaults once the data is known: --steps (`synthetic_steps` on the embedded data, else
     one pass over `num_samples`), --warmup (5% of --steps) and --lr (the method's `default_lr(args, global_batch)`).
     Returns the global batch size."""
-    global_batch = args.batch_size * world
+    global_batch = args.batch_size * args.accum_freq * world
     if args.steps is None:
         if num_samples is None:
             fail('--train-data as webdataset needs --train-num-samples or --steps')
@@ -384,6 +397,149 @@ def step_generator(device, seed, rank, step):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
 
 
+def batch_generator(device, seed, step):
+    """A generator on `device` for the random choices of the whole global batch at `step` (masks, MLM positions): a
+    pure function of (seed, step). Every rank draws for all rows of the global batch and takes its micro-batches'
+    rows, so a sample's draw depends on its position in the global batch only, not on the split into ranks x
+    micro-batches, and resume is exact."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_033 + step + 1)
+
+
+# -----------------------------------------------------------------------------
+# Big batches: gradient accumulation that is exact for batch-coupled losses (GradCache), activation checkpointing.
+
+
+class Micro:
+    """One micro-batch on the device: `images` (a tensor, or a tuple for multi-view transforms), `texts` (b, T), `rows`
+    (its slice of the global batch) and `cache`, a dict the method's forward fills on its first call and reads on the
+    second (teacher outputs: computed once per micro-batch)."""
+
+    def __init__(self, images, texts, rows):
+        self.images, self.texts, self.rows, self.cache = images, texts, rows, {}
+        self.size = texts.shape[0]
+
+
+def _to(x, device):
+    return tuple(_to(t, device) for t in x) if isinstance(x, (tuple, list)) else x.to(device, non_blocking=True)
+
+
+def _chunk(x, n):  # a tensor or a tuple of tensors -> n chunks along the batch
+    return list(zip(*(_chunk(t, n) for t in x))) if isinstance(x, tuple) else x.chunk(n)
+
+
+class Batches:
+    """The loader's micro-batches grouped into optimizer steps: next() -> (list of --accum-freq Micro on `device`,
+    samples skipped). Micro-batch k of rank r holds global rows (r * K + k) * B ... + B (data.StepSampler's order).
+    Also times the wait for data (`data_seconds`, for the log)."""
+
+    def __init__(self, loader, args, device):
+        self.batches, self.K, self.B, self.device = iter(loader), args.accum_freq, args.batch_size, device
+        self.data_seconds = 0.0
+
+    def __next__(self):
+        t = time.perf_counter()
+        got = [next(self.batches) for _ in range(self.K)]
+        self.data_seconds += time.perf_counter() - t
+        micro = []
+        for k, (images, texts, _) in enumerate(got):
+            first = (rank() * self.K + k) * self.B
+            micro.append(Micro(_to(images, self.device), _to(texts, self.device), slice(first, first + len(texts))))
+        return micro, sum(n for _, _, n in got)
+
+
+def split_micro(micro, n):
+    """Each micro-batch cut into n along the batch (FLIP's unmasked tuning: the same global batch in smaller pieces)."""
+    out = []
+    for m in micro:
+        start = m.rows.start
+        for images, texts in zip(_chunk(m.images, n), m.texts.chunk(n)):
+            out.append(Micro(images, texts, slice(start, start + len(texts))))
+            start += len(texts)
+    return out
+
+
+class Forward:
+    """What a method's forward on one micro-batch returns. `coupled`: per-sample tensors (b, ...) that the batch-coupled
+    loss reads (embeddings); `shared`: tensors made from parameters alone that it also reads (the logit scale,
+    temperatures); `local`: the mean over the micro-batch of the per-sample loss terms (a tensor, or 0.0); `terms`:
+    per-sample terms to log (micro-batch means)."""
+
+    def __init__(self, coupled=(), shared=(), local=0.0, terms=None):
+        self.coupled, self.shared, self.local, self.terms = coupled, shared, local, terms or {}
+
+
+def _sync(train_model, last):
+    """DDP all-reduces gradients in the last micro-batch's backward only."""
+    if last or not isinstance(train_model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return train_model.no_sync()
+
+
+def accumulate(train_model, micro, forward, coupled_loss=None):
+    """The backward of one optimizer step over its micro-batches, with the gradients of ONE batch of all of them.
+    forward(m) -> Forward for Micro m (its own autocast inside); coupled_loss(*coupled, *shared) -> loss or (loss, terms)
+    on this rank's rows of the whole step's batch (in fp32, called outside autocast; cross-rank gathers inside). The
+    step's loss is coupled_loss + the size-weighted mean of the micro-batches' local terms; under DDP, the mean over ranks.
+    One micro-batch: forward, loss, backward, as without accumulation. Several, with a coupled loss (GradCache, Gao et
+    al. 2021): a no-grad forward of each gives the coupled tensors; the coupled loss on all of them, concatenated and
+    detached, gives their gradients; then each micro-batch is forwarded again (the same inputs, masks and cache: the
+    same outputs) and backpropagated with sum(coupled * cached gradient) + its weight x (shared * their gradient +
+    local). Parameters behind `shared` thus get the coupled loss's gradient once in total. Returns (loss, terms),
+    detached."""
+    weights = [m.size / sum(m.size for m in micro) for m in micro]
+    if coupled_loss is None or len(micro) == 1:  # plain accumulation: no extra forward
+        loss, terms = 0.0, {}
+        for k, (m, w) in enumerate(zip(micro, weights)):
+            with _sync(train_model, k == len(micro) - 1):
+                out = forward(m)
+                step_loss, step_terms = _loss_terms(coupled_loss(*out.coupled, *out.shared)) if coupled_loss else (0.0, {})
+                (step_loss + w * out.local).backward()
+            loss, terms = _add(loss, terms, step_loss + w * out.local, step_terms, out.terms, w)
+        return loss.detach(), terms
+    with torch.no_grad():
+        first = [forward(m) for m in micro]
+    coupled = [torch.cat(ts).float().requires_grad_() for ts in zip(*(f.coupled for f in first))]
+    shared = [s.detach().float().requires_grad_() for s in first[0].shared]
+    loss, terms = _loss_terms(coupled_loss(*coupled, *shared))
+    loss.backward()  # gradients of the coupled loss w.r.t. its inputs only: they are leaves
+    loss, terms = loss.detach(), {k: v.detach() for k, v in terms.items()}
+    grads = [c.grad.split([m.size for m in micro]) for c in coupled]
+    for k, (m, w) in enumerate(zip(micro, weights)):
+        with _sync(train_model, k == len(micro) - 1):
+            out = forward(m)
+            surrogate = w * out.local + sum((x.float() * g[k]).sum() for x, g in zip(out.coupled, grads)) + \
+                w * sum((s.float() * c.grad).sum() for s, c in zip(out.shared, shared))
+            surrogate.backward()
+        loss, terms = _add(loss, terms, w * out.local, {}, out.terms, w)
+    return loss, terms
+
+
+def _loss_terms(out):
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def _add(loss, terms, step_loss, coupled_terms, local_terms, w):
+    """Running totals for the log: the loss, the coupled terms as they are, the local terms weighted."""
+    terms = dict(terms, **{k: v.detach() for k, v in coupled_terms.items()})
+    for k, v in local_terms.items():
+        terms[k] = terms.get(k, 0.0) + w * v.detach()
+    return loss + (step_loss.detach() if torch.is_tensor(step_loss) else step_loss), terms
+
+
+def set_grad_checkpointing(model, enable=True):
+    """--grad-checkpointing: every common.Transformer in `model` (both towers, decoders built from it) recomputes its
+    blocks in backward (torch.utils.checkpoint, use_reentrant=False); no-grad forwards are unaffected."""
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.grad_checkpointing = enable
+
+
+def clip_grad_norm(model, max_norm):
+    """--grad-clip-norm: clip the global gradient norm (after DDP's all-reduce, so every rank clips alike)."""
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 # -----------------------------------------------------------------------------
 # Optimizer, schedule, precision.
 
@@ -406,8 +562,13 @@ def lr_at(step, total, warmup, lr, min_lr=0.0):
 
 
 def autocast(device, precision):
-    """bf16 autocast when asked ('auto' means bf16 on CUDA); fp32 otherwise."""
-    if precision == 'bf16' or (precision == 'auto' and device.type == 'cuda'):
+    """bf16 autocast when asked; 'auto' means bf16 on a CUDA device that supports it (Ampere and newer), said at
+    start-up when it falls back to fp32; fp32 otherwise."""
+    if precision == 'auto' and device.type == 'cuda':
+        if torch.cuda.is_bf16_supported():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        print0('note: this GPU does not support bf16; --precision auto trains in fp32')
+    if precision == 'bf16':
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -443,6 +604,39 @@ def load_checkpoint(path, cfg=None):
         diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise ValueError(f'{path} holds a model with another config ({", ".join(diff)} differ); use another --out')
     return state
+
+
+def load_pretrained(clip, spec, model_name):
+    """--pretrained: initialise `clip` (a common.CLIP) from `spec`: an open_clip pretrained tag of `model_name`
+    ('openai', 'laion2b_s34b_b88k'), a `local-dir:` folder (what every run here exports), or a ckpt.pt written by any
+    method here (its CLIP part: the keys under the prefix that holds the logit scale). Strict: every parameter must be
+    there with its shape. Raises ValueError (one line) otherwise."""
+    if spec.startswith('local-dir:') or not os.path.isfile(spec):
+        if not spec.startswith('local-dir:'):
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if spec not in tags:
+                raise ValueError(f'--pretrained {spec}: not a file, not local-dir:, and not a pretrained tag of '
+                                 f'{model_name} (its tags: {", ".join(tags) or "none"})')
+        elif not os.path.isdir(spec[len('local-dir:'):]):
+            raise ValueError(f'--pretrained {spec}: no such folder')
+        try:
+            source = open_clip.create_model(spec if spec.startswith('local-dir:') else model_name,
+                                            pretrained=None if spec.startswith('local-dir:') else spec)
+        except Exception as err:
+            raise ValueError(f'--pretrained {spec}: open_clip cannot build it ({str(err).splitlines()[0]})') from None
+        weights = source.state_dict()
+    else:
+        weights = load_checkpoint(spec)['model']
+        prefixes = [k[:-len('logit_scale')] for k in weights if k.endswith('logit_scale')]
+        if len(prefixes) != 1:
+            raise ValueError(f'--pretrained {spec}: no single CLIP in this checkpoint')
+        weights = {k[len(prefixes[0]):]: v for k, v in weights.items() if k.startswith(prefixes[0])}
+        weights = {k: v for k, v in weights.items() if k in clip.state_dict()}  # the method's own heads stay out
+    try:
+        clip.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ValueError(f'--pretrained {spec} does not fit --model {model_name}: {" ".join(lines[1:3])[:300]}') from None
 
 
 def changed_args(now, then, ignore=('out', 'resume')):
@@ -481,7 +675,9 @@ def _flat(d, prefix=''):
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly. A second signal
+    exits at once (code 128 + signal), for a run that never reaches a step boundary (waiting for data): nothing is
+    written, so the last good checkpoint stays."""
 
     def __init__(self):
         self.requested = False
@@ -489,7 +685,13 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.requested:
+            print(f'error: second {signal.Signals(signum).name}: exiting now, without a checkpoint', file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signum)
         self.requested = True
+        print0(f'{signal.Signals(signum).name}: stopping at the end of this step (again to exit at once)',
+               file=sys.stderr)
 
 
 class Logger:
@@ -512,8 +714,11 @@ class Logger:
 
 
 class Throughput:
+    """Samples per second since the last record; with rates(batches), also the seconds spent waiting for data and
+    computing in that time (OpenCLIP's `Data (t)` and `Batch (t)`: slow training is most often slow input)."""
+
     def __init__(self):
-        self.t, self.n = time.perf_counter(), 0
+        self.t, self.n, self.data = time.perf_counter(), 0, 0.0
 
     def add(self, n):
         self.n += n
@@ -522,6 +727,19 @@ class Throughput:
         now = time.perf_counter()
         r, self.t, self.n = self.n / max(now - self.t, 1e-9), now, 0
         return r
+
+    def rates(self, batches):
+        """For a log record: samples_per_sec, data_seconds, compute_seconds since the last record (`batches`:
+        common.Batches, which times its waits)."""
+        seconds, data_seconds = time.perf_counter() - self.t, batches.data_seconds - self.data
+        self.data = batches.data_seconds
+        return {'samples_per_sec': self.rate(), 'data_seconds': round(data_seconds, 4),
+                'compute_seconds': round(seconds - data_seconds, 4)}
+
+
+def data_share(record):
+    """For the progress bar: the share of the time since the last record spent waiting for data."""
+    return f"{record['data_seconds'] / max(record['data_seconds'] + record['compute_seconds'], 1e-9):.0%}"
 
 
 def fail(msg):

@@ -56,11 +56,24 @@ def get_args(argv=None):
     g.add_argument('--mask-ratio', type=float, default=0.5, help='fraction of patches removed (0 = CLIP)')
     g.add_argument('--unmasked-tuning-steps', type=int, default=0, help='steps at mask ratio 0 after --steps, '
                    'fresh optimizer, lr / 100 (paper: ~1%% of training)')
+    g.add_argument('--unmasked-tuning-warmup', type=int, default=None, help='warmup steps of unmasked tuning '
+                   '(default: 20%% of them, as the official recipe)')
+    g.add_argument('--unmasked-accum-freq', type=int, default=None, help='micro-batches per unmasked-tuning step, the '
+                   'same global batch (default: ceil(1 / (1 - mask ratio)) x --accum-freq: no more activation memory '
+                   'than a masked step)')
     args = p.parse_args(argv)
     if not 0 <= args.mask_ratio < 1:
         raise ValueError('--mask-ratio must be in [0, 1)')
     if args.unmasked_tuning_steps < 0:
         raise ValueError('--unmasked-tuning-steps must be >= 0')
+    if args.unmasked_tuning_warmup is None:
+        args.unmasked_tuning_warmup = args.unmasked_tuning_steps // 5
+    if args.unmasked_accum_freq is None:
+        args.unmasked_accum_freq = math.ceil(1 / (1 - args.mask_ratio) - 1e-9) * args.accum_freq
+    if args.unmasked_accum_freq < 1 or args.unmasked_accum_freq % max(args.accum_freq, 1):
+        raise ValueError('--unmasked-accum-freq must be a positive multiple of --accum-freq')
+    if args.unmasked_tuning_warmup < 0:
+        raise ValueError('--unmasked-tuning-warmup must be >= 0')
     return common.check_args(args, 'flip')
 
 
@@ -72,10 +85,10 @@ def default_lr(args, global_batch):
 
 
 def random_masking(batch, num_patches, mask_ratio, generator):
-    """FLIP's (= MAE's) per-sample uniform masking. Returns ids_keep (B, K), K = int(L * (1 - r)), the kept patch
-    indices in [0, L); noise is drawn on the generator's device."""
+    """FLIP's (= MAE's) per-sample uniform masking. Returns ids_keep (B, K), K = max(1, int(L * (1 - r))), the kept
+    patch indices in [0, L); noise is drawn on the generator's device."""
     noise = torch.rand(batch, num_patches, device=generator.device, generator=generator)  # (B, L)
-    return noise.argsort(dim=1)[:, :int(num_patches * (1 - mask_ratio))]  # (B, K)
+    return noise.argsort(dim=1)[:, :max(1, int(num_patches * (1 - mask_ratio)))]  # (B, K)
 
 # ----------------------------------------------------------------------------- data
 
@@ -107,6 +120,7 @@ def main(argv=None):
 
     # model: `model` is saved, evaluated and exported; `train_model` (compiled, DDP) runs the training forward
     model = common.CLIP(cfg).to(device)
+    common.set_grad_checkpointing(model, args.grad_checkpointing)
     train_model = common.maybe_compile(model, args.compile, device)
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -122,6 +136,11 @@ def main(argv=None):
         except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
     start = state['step'] if state else 0
+    if args.pretrained and not state:
+        try:
+            common.load_pretrained(model, args.pretrained, args.model)
+        except ValueError as err:
+            common.fail(err)
 
     # data
     train_tf, eval_tf = transforms(args, cfg)
@@ -140,7 +159,7 @@ def main(argv=None):
     def lr_at(step):
         if step < args.steps:
             return common.lr_at(step, args.steps, args.warmup, args.lr)
-        return common.lr_at(step - args.steps, args.unmasked_tuning_steps, 0, args.lr / 100)
+        return common.lr_at(step - args.steps, args.unmasked_tuning_steps, args.unmasked_tuning_warmup, args.lr / 100)
 
     optimizer = make_optimizer()
     common.resume_optimizer(optimizer, state, resume, total, args)
@@ -158,30 +177,35 @@ def main(argv=None):
                   f'({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
     meter, skipped, step = common.Throughput(), 0, start
     bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = common.Batches(loader, args, device)
     while step < total:
-        images, texts, n_skipped = next(batches)
+        micro, n_skipped = next(batches)  # --accum-freq micro-batches of --batch-size
+        if step >= args.steps:  # unmasked tuning: the same global batch in smaller micro-batches
+            micro = common.split_micro(micro, args.unmasked_accum_freq // args.accum_freq)
         if step == args.steps and args.unmasked_tuning_steps:
             optimizer = make_optimizer()  # unmasked tuning: fresh optimizer state (also right after a resume here)
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         mask_ratio = args.mask_ratio if step < args.steps else 0.0
-        ids_keep = None
+        ids_keep = None  # (global batch, K): masks for every row of the global batch; each micro-batch takes its rows
         if mask_ratio > 0:
-            ids_keep = random_masking(images.shape[0], num_patches, mask_ratio, common.step_generator(device, args.seed, rank, step))
-        with amp:
-            image_features, text_features, logit_scale = train_model(images, texts, ids_keep)
-        loss = common.clip_loss(image_features, text_features, logit_scale)
+            ids_keep = random_masking(global_batch, num_patches, mask_ratio, common.batch_generator(device, args.seed, step))
+
+        def forward(m):
+            with amp:
+                image_features, text_features, logit_scale = train_model(
+                    m.images, m.texts, None if ids_keep is None else ids_keep[m.rows])
+            return common.Forward(coupled=(image_features, text_features), shared=(logit_scale,))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, _ = common.accumulate(train_model, micro, forward, common.clip_loss)
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
         if nonfinite:
             common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
                           f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
             common.cleanup()
             sys.exit(1)
+        common.clip_grad_norm(model, args.grad_clip_norm)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
@@ -190,10 +214,11 @@ def main(argv=None):
         meter.add(global_batch)
         bar.update(1)
         if step % args.log_every == 0 or step == total:
-            record = {'step': step, 'loss': common.mean_over_ranks(loss), 'lr': lr, 'logit_scale': logit_scale.item(),
-                      'mask_ratio': mask_ratio, 'samples_per_sec': meter.rate(), 'skipped': skipped}
+            record = {'step': step, 'loss': common.mean_over_ranks(loss), 'lr': lr,
+                      'logit_scale': model.logit_scale.exp().item(), 'mask_ratio': mask_ratio,
+                      **meter.rates(batches), 'skipped': skipped}
             logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}', data=common.data_share(record))
         if args.eval_every and step % args.eval_every == 0 and step < total and rank == 0:
             logger.log({'step': step, **common.evaluate(model, tokenizer, tasks, retrieval, device, amp)})
         if step % args.save_every == 0 or step == total or stopping:
