@@ -8,10 +8,25 @@ What this file implements
 - The symmetric InfoNCE loss over the global batch (common.clip_loss: local rows against gathered columns).
 - Evaluation sees the full, unmasked image.
 - Unmasked tuning (Sec. 3, "Unmasked tuning"): after the masked steps, --unmasked-tuning-steps more steps at r = 0
-  with a fresh optimizer state and a 100x lower learning rate (the paper uses ~1% of training; default 0 here).
-- The paper's optimiser: AdamW, betas (0.9, 0.95), wd 0.2 (none on biases, norms, position embeddings, logit
-  scale), linear warmup then cosine decay to 0, lr = 4e-6 x global batch / 256, RandomResizedCrop area (0.5, 1)
-  and horizontal flip on real data.
+  with a fresh optimizer state, a 100x lower learning rate and its own warmup (the official recipe: lr 4e-8 per 256,
+  warmup 20 of 100 epochs; --unmasked-tuning-warmup, default 20% of the tuning steps). The paper uses ~1% of
+  training; default 0 here. Every patch costs activation memory, so by default tuning keeps the global batch and
+  cuts each micro-batch into ceil(1 / (1 - r)) (--unmasked-accum-freq): a batch sized for r = 0.5 fits the tuning.
+- The paper's optimiser: AdamW, betas (0.9, 0.95), wd 0.2, linear warmup then cosine decay to 0, lr = 4e-6 x global
+  batch / 256, RandomResizedCrop area (0.5, 1) and horizontal flip on real data. Weight decay: the official code
+  exempts biases, norm scales and position embeddings only, so it DOES decay the CLS embedding and the logit scale;
+  here they are exempt, as in OpenCLIP and in the other four files (common.param_groups), so that CLIP and every
+  method share one optimizer. A difference in two vectors of parameters, stated rather than copied.
+- Zero-shot prompts: the official code scores ImageNet with 7 short templates ('itap of a {}.', ...; open_clip's
+  SIMPLE_IMAGENET_TEMPLATES); here OpenAI's 80 by default, `--zeroshot-templates flip` for FLIP's.
+- Big batches (the point of the paper: more samples per step at the same memory): --accum-freq K contrasts all
+  K x batch-size x processes samples with exactly one big batch's gradients (common.accumulate: GradCache, one extra
+  no-grad forward per micro-batch), --grad-checkpointing recomputes the blocks in backward. Masks are drawn for the
+  whole global batch from (seed, step) and each micro-batch takes its rows, so any split gives the same step.
+- Small global batches: the lr rule is for the paper's 32k-64k; at 8 x 256 = 2048 it gives 3.2e-5, far below what
+  CLIP trainings at such batches use (OpenCLIP's README examples: lr 5e-4 to 1e-3, 2k-10k warmup steps, batches of
+  128-256 per GPU). On one node either pass --lr (5e-4 is a reasonable start; an untuned suggestion, not measured
+  here), or reach the paper's batch with --accum-freq (8 x 256 x 16 = 32k, where the rule gives 5.1e-4).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 800 steps of 128,
 lr 1e-3 (the paper's rule would give 2e-6 at this batch, far too small for a tiny model from scratch in minutes), and

@@ -311,3 +311,15 @@ def test_compile_on_matches_eager(tmp_path):
     run(tmp_path / 'compiled', '--steps', '2', '--compile', 'on')
     eager, compiled = losses(tmp_path / 'eager'), losses(tmp_path / 'compiled')
     assert np.allclose([l for _, l in eager], [l for _, l in compiled], atol=1e-4)
+
+
+def test_zeroshot_templates_flip_are_the_official_seven(tmp_path):
+    for name in ('a', 'b'):
+        os.makedirs(tmp_path / 'folder' / name)
+        data.render_scene([], 64, __import__('random').Random(0)).save(tmp_path / 'folder' / name / '0.png')
+    _, eval_tf = flip.transforms(flip.get_args([]), common.model_config('tiny'))
+    for flag, count, first in (('flip', 7, 'itap of a x.'), ('openai', 80, 'a bad photo of a x.')):
+        args = flip.get_args(['--zeroshot-folder', str(tmp_path / 'folder'), '--zeroshot-templates', flag,
+                              '--out', str(tmp_path)])
+        templates = data.eval_sets(args, eval_tf, 64)[0]['folder']['templates']
+        assert len(templates) == count and templates[0]('x') == first
