@@ -76,10 +76,11 @@ def test_smoke_learns_evaluates_and_exports(tmp_path):
         assert (ref.encode_text(texts) - ours.encode_text(texts)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize('k', [3, 8])
-def test_exact_resume(tmp_path, monkeypatch, k, capsys):
-    """Interrupted at step k (8 = the switch to unmasked tuning), resumed: the same losses and weights, bit for bit."""
-    tuning = ['--unmasked-tuning-steps', '4']
+@pytest.mark.parametrize('k, accum', [(3, '1'), (8, '1'), (5, '2')])
+def test_exact_resume(tmp_path, monkeypatch, k, accum, capsys):
+    """Interrupted at step k (8 = the switch to unmasked tuning), resumed: the same losses and weights, bit for bit;
+    also with 2 micro-batches per step (4 in the tuning steps)."""
+    tuning = ['--unmasked-tuning-steps', '4', '--accum-freq', accum]
     run(tmp_path / 'full', *tuning)
     interrupt_at(monkeypatch, k)
     assert run(tmp_path / 'part', *tuning) == k
