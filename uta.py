@@ -4,51 +4,72 @@ The official repository (jihaonew/UTA) has inference code only; this is training
 
 What this file implements
 - A frozen CLIP image encoder, the teacher, sees the full image (eval mode, no gradients, never updated). Its targets
-  are every output token after its final LayerNorm and image projection, i.e. in CLIP space. The first target row
-  is the teacher's CLIP image embedding: its CLS token, or the patch mean for an 'avg'-pooled teacher (`tiny`).
+  are every output token after its final norm and image projection, i.e. in CLIP space. The first target row is the
+  teacher's CLIP image embedding: its CLS token, or the patch mean for an 'avg'-pooled teacher (`tiny`). The teacher
+  runs as open_clip builds it (open_clip.create_model), so any open_clip CLIP with a ViT image tower teaches:
+  open_clip's own ViT (OpenAI, LAION, the exports of these scripts), whose tokens go through ln_post and proj, and timm
+  trunks such as EVA02-B-16 and EVA02-L-14 (the paper's EVA-CLIP teachers), whose tokens go through the trunk's
+  fc_norm and head and then open_clip's projection head, token by token, as its pooled output does.
 - The student, the common.py ViT from scratch, sees only the unmasked tokens (no [MASK] tokens, no decoder). A linear
   head maps its tokens into the teacher's embedding space; the head is the student's own bias-free `visual.proj`, so
   the student's CLIP image embedding is CLS -> ln_post -> head, the token aligned to that first row.
 - Loss: negative cosine similarity between student and teacher tokens at the same positions, averaged over CLS and
-  every kept patch. Captions are loaded but never used by this stage.
+  every kept patch. The alignment stage reads images only: captions, where the data has them, are not used.
 - Zero-shot: student CLS -> ln_post -> head, normalised, against the teacher's text encoder (the student model carries
   a copy of the teacher's text tower), reported beside the teacher's own zero-shot accuracy on the same images.
 - Export: an open_clip `local-dir:` CLIP whose image tower is the student and whose text tower is the teacher's.
 
+Data: --train-data DIR, an ImageFolder of images without captions (the paper trains on ImageNet-21K; class folders,
+classes unused), or WebDataset shards, read for their images alone when there is no contrastive stage; CSV files and
+the embedded synthetic data as in the other scripts. A contrastive stage needs captions: with an ImageFolder it is
+refused.
+
 Reconstructed (not recoverable from the paper or the released code), each a flag:
 - --mask block: "reversed block-wise" masking. BEiT's blocks (area >= 16 patches at a 14x14 grid, scaled to the
-  grid; aspect ratio log-uniform in (0.3, 1/0.3)) are the *visible* set, drawn in order until K = int(L * (1 - r))
-  patches are visible; the block that overshoots is cut at random and, if the blocks cover fewer than K patches,
-  random patches pad the set, so every sample keeps exactly K. BEiT draws each area up to the patches still missing
+  grid; aspect ratio log-uniform in (0.3, 1/0.3)) are the *visible* set, drawn in order until K patches are visible;
+  the block that overshoots is cut at random and, if the blocks cover fewer than K patches, random patches pad the
+  set, so every sample keeps exactly K = max(1, int(L * (1 - r))) (at least one, as OpenCLIP's PatchDropout). A
+  block's top-left corner is uniform over every position where the block still overlaps the grid, and the part
+  outside is cut off: each patch is then covered equally often and kept 1 - r of the time, +-0.04, at every position
+  (the paper's aim: visible tokens that cover the image evenly). BEiT draws each area up to the patches still missing
   and rejects blocks that overshoot; here every area is drawn up to K, so all samples are drawn at once on the device.
-  --mask random is FLIP's uniform masking. --mask-ratio 0.5.
+  --mask block-inside places every block inside the grid, as BEiT's generator does: the literal reading of "reversed
+  BEiT masks", kept for comparison; it keeps the centre far more often than the border (14x14, r = 0.5: corners 7%,
+  centre 86%). --mask random is FLIP's uniform masking. --mask-ratio 0.5.
 - Different student and teacher grids: the teacher's patch-token map (in CLIP space) is resampled to the student's
   grid (area averages onto a coarser grid, bilinear onto a finer one); the image is first resized to the teacher's
-  resolution if that differs.
-- The optimiser: AdamW betas (0.9, 0.98), wd 0.05 (the masked-image-modelling recipe; none on biases, norms and
-  position embeddings), warmup then cosine to 0, lr 1.5e-4 x global batch / 256 (MAE's rule).
+  resolution, and renormalised to the teacher's mean and std, where those differ.
+- The optimiser: EVA-02's masked-image-modelling recipe (baaivision/EVA, EVA-02/asuka: a CLIP-feature-prediction
+  MIM like this one) -- AdamW betas (0.9, 0.98), eps 1e-6, wd 0.05 (none on biases, norms and position embeddings),
+  the gradient norm clipped at 3.0 (--grad-clip-norm) -- with warmup then cosine to 0 and lr 1.5e-4 x global batch /
+  256 (MAE's rule; EVA-02 uses 1.5e-3 at 2048 for B and L).
+- The training augmentation: RandomResizedCrop to the student's size, scale (0.5, 1), bicubic, and a horizontal flip
+  (EVA-02's MIM crops with scale (0.2, 1)); none on the embedded synthetic data, whose captions name positions.
 - --contrastive-steps N (default 0): a second stage after --steps, CLIP loss on image-text pairs, full images, student
-  image tower, text tower and logit scale all trained, fresh optimizer, lr / 10.
+  image tower, text tower and logit scale all trained, fresh optimizer (the same recipe), lr / 10.
 - --unmasked-fraction F (not in the paper; 0 except for the tiny CPU default): the last F of the alignment steps
   keep every patch (mask ratio 0, the same loss), as FLIP's unmasked tuning: the student ends on the full-image
   input that zero-shot evaluation gives it.
 
 Scaled down for the embedded CPU default, and said so: the `tiny` student (64 px, 8 px patches), 640 steps of 128,
-the second half unmasked (--unmasked-fraction 0.5), lr 2e-3, no crop or flip on the synthetic data (captions name
-positions). The student's width and depth come from --model, its embedding dimension and text tower from the
-teacher, and it pools CLS (the aligned token). Why the unmasked half: the synthetic objects are a few patches wide
-on an 8x8 grid, and half-image visible blocks often hide the object whose name the CLS token must predict. On the
-64-way object task the student reached 0.70x its teacher with 800 masked steps at lr 1e-3, and 1.00x / 0.88x /
-0.88x (seeds 0 / 1 / 2) with this default, in 4.3-4.6 minutes (README, Results).
+the second half unmasked (--unmasked-fraction 0.5), lr 2e-3. The student's width and depth come from --model, its
+embedding dimension and text tower from the teacher, and it pools CLS (the aligned token). Why the unmasked half: the
+synthetic objects are a few patches wide on an 8x8 grid, and half-image visible blocks often hide the object whose
+name the CLS token must predict. On the 64-way object task the student reached 0.70x its teacher with 800 masked steps
+at lr 1e-3, and 1.00x / 0.88x / 0.88x (seeds 0 / 1 / 2) with this default, in 4.3-4.6 minutes (README, Results);
+those runs predate the even block placement, eps 1e-6 and the clipping (they used what is now --mask block-inside,
+eps 1e-8, no clipping).
 
 Launch
     python flip.py && python uta.py                  # CPU: distil runs/flip's CLIP into a tiny ViT, results in runs/uta/
-    python uta.py --teacher ViT-B-16/openai --model ViT-B-16 --train-data /data/cc3m.csv --imagenet-val /data/imagenet/val
-    torchrun --nproc_per_node=8 uta.py --teacher ViT-B-16/openai --model ViT-B-16 \\
+    python uta.py --teacher EVA02-B-16/merged2b_s8b_b131k --model ViT-B-16 --train-data /data/imagenet21k \\
+        --imagenet-val /data/imagenet/val           # one GPU: the paper's teacher, images without captions
+    torchrun --nproc_per_node=8 uta.py --teacher EVA02-L-14/merged2b_s4b_b131k --model ViT-L-14 \\
         --train-data '/data/laion/{00000..41455}.tar' --train-num-samples 400000000 --imagenet-val /data/imagenet/val \\
         --batch-size 256 --workers 8
-A teacher is any open_clip model name with its pretrained tag (ViT-L-14/openai), a `local-dir:` folder, or a
-checkpoint file (an open_clip state dict with --teacher-model NAME, or a ckpt.pt written by these scripts).
+A teacher is any open_clip model name with its pretrained tag (ViT-L-14/openai, EVA02-B-16/merged2b_s8b_b131k), a
+`local-dir:` folder, a state-dict file with --teacher-model NAME (read by open_clip's loader), or a ckpt.pt written by
+these scripts. Its text tower must be one the compact text transformer of common.py builds (the student carries it).
 """
 import argparse
 import copy
@@ -66,6 +87,8 @@ from tqdm import tqdm
 
 import open_clip
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer as OpenClipViT
 
 import common
 import data
@@ -76,12 +99,14 @@ import data
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(p)
-    p.set_defaults(wd=0.05)
+    p.set_defaults(wd=0.05, grad_clip_norm=3.0)  # EVA-02's MIM recipe
     g = p.add_argument_group('UTA')
     g.add_argument('--teacher', default='local-dir:runs/flip/open_clip', help='frozen CLIP teacher: open_clip '
                    'NAME/TAG, local-dir:PATH, or a checkpoint file')
     g.add_argument('--teacher-model', default=None, help='open_clip model name of a --teacher state-dict file')
-    g.add_argument('--mask', default='block', choices=['block', 'random'], help='reversed block-wise or uniform')
+    g.add_argument('--mask', default='block', choices=['block', 'block-inside', 'random'], help='reversed block-wise '
+                   '(blocks cover every position equally), the same with blocks inside the grid (centre-biased), or '
+                   'uniform')
     g.add_argument('--mask-ratio', type=float, default=0.5, help='fraction of student patches removed')
     g.add_argument('--unmasked-fraction', type=float, default=None, help='the last fraction of the alignment '
                    'steps sees every patch (mask ratio 0), so the student ends on the full-image input it is '
@@ -97,7 +122,11 @@ def get_args(argv=None):
         args.unmasked_fraction = 0.5 if args.model == 'tiny' else 0.0
     if not 0 <= args.unmasked_fraction <= 1:
         raise ValueError('--unmasked-fraction must be in [0, 1]')
-    return common.check_args(args, 'uta')
+    args = common.check_args(args, 'uta')
+    if args.contrastive_steps and args.dataset_type == 'imagefolder':
+        raise ValueError(f'--contrastive-steps needs captions, and --train-data {args.train_data} is a folder of '
+                         'images; give a CSV or WebDataset shards with captions, or --contrastive-steps 0')
+    return args
 
 
 def default_lr(args, global_batch):
@@ -107,14 +136,16 @@ def default_lr(args, global_batch):
 # ----------------------------------------------------------------------------- method: masking
 
 
-def block_masking(batch, grid, mask_ratio, generator, min_block=None):
+def block_masking(batch, grid, mask_ratio, generator, min_block=None, inside=False):
     """UTA's reversed block-wise masking: M BEiT-style rectangles per sample are the visible set. A patch's score is
-    the index of the first rectangle covering it (M if none) plus U(0, 1) noise; the K = int(L * (1 - r)) lowest
-    scores are kept, so rectangles are taken in order until K patches are visible, the last one cut at random, and
-    random patches pad the rest. Returns ids_keep (B, K), the kept patch indices in [0, L), L = H * W."""
+    the index of the first rectangle covering it (M if none) plus U(0, 1) noise; the K = max(1, int(L * (1 - r)))
+    lowest scores are kept, so rectangles are taken in order until K patches are visible, the last one cut at random,
+    and random patches pad the rest. A rectangle's top-left corner is uniform over the positions where it overlaps the
+    grid (cut at the border), so every patch is covered alike; inside=True keeps it inside the grid, as BEiT does
+    (centre-biased). Returns ids_keep (B, K), the kept patch indices in [0, L), L = H * W."""
     H, W = grid
     dev = generator.device
-    num_keep = int(H * W * (1 - mask_ratio))
+    num_keep = max(1, int(H * W * (1 - mask_ratio)))
     min_block = min_block or max(1, round(16 * H * W / 196))  # BEiT: blocks of at least 16 patches at 14x14
     M = 2 * math.ceil(num_keep / min_block)  # rectangles per sample: enough to cover K patches nearly always
     u = torch.rand(4, batch, M, 1, 1, device=dev, generator=generator)  # (4, B, M, 1, 1)
@@ -122,65 +153,113 @@ def block_masking(batch, grid, mask_ratio, generator, min_block=None):
     aspect = torch.exp((2 * u[1] - 1) * math.log(1 / 0.3))  # h / w, log-uniform in (0.3, 1/0.3)
     h = (area * aspect).sqrt().round().clamp(1, H)
     w = (area / aspect).sqrt().round().clamp(1, W)
-    top, left = (u[2] * (H - h + 1)).floor(), (u[3] * (W - w + 1)).floor()
+    if inside:  # top in [0, H - h]: a centre row is inside more placements than a border row
+        top, left = (u[2] * (H - h + 1)).floor(), (u[3] * (W - w + 1)).floor()
+    else:  # top in [1 - h, H - 1]: every row is inside exactly h of the H + h - 1 placements
+        top, left = (u[2] * (H + h - 1)).floor() - (h - 1), (u[3] * (W + w - 1)).floor() - (w - 1)
     rows = torch.arange(H, device=dev).view(1, 1, H, 1)
     cols = torch.arange(W, device=dev).view(1, 1, 1, W)
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, M, H, W)
+    covers = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)  # (B, M, H, W)
     order = torch.arange(M, device=dev).view(1, M, 1, 1)
-    first = torch.where(inside, order, M).amin(dim=1).flatten(1)  # (B, L): the first rectangle covering each patch
+    first = torch.where(covers, order, M).amin(dim=1).flatten(1)  # (B, L): the first rectangle covering each patch
     score = first + torch.rand(batch, H * W, device=dev, generator=generator)  # (B, L)
     return score.argsort(dim=1)[:, :num_keep]  # (B, K)
 
 
 def random_masking(batch, num_patches, mask_ratio, generator):
-    """FLIP's (= MAE's) per-sample uniform masking. Returns ids_keep (B, K), K = int(L * (1 - r)), the kept patch
-    indices in [0, L); noise is drawn on the generator's device."""
+    """FLIP's (= MAE's) per-sample uniform masking. Returns ids_keep (B, K), K = max(1, int(L * (1 - r))), the kept
+    patch indices in [0, L); noise is drawn on the generator's device."""
     noise = torch.rand(batch, num_patches, device=generator.device, generator=generator)  # (B, L)
-    return noise.argsort(dim=1)[:, :int(num_patches * (1 - mask_ratio))]  # (B, K)
+    return noise.argsort(dim=1)[:, :max(1, int(num_patches * (1 - mask_ratio)))]  # (B, K)
 
 # ----------------------------------------------------------------------------- method: teacher, student and head
 
 
 def load_teacher(spec, model_name=None):
-    """Any CLIP teacher -> (common.CLIP with its weights, loaded strict, frozen and in eval mode; its config).
-    Names and local-dir folders are built by open_clip and copied over; files are read with open_clip's reader."""
+    """Any open_clip CLIP -> (open_clip's own model with its weights, loaded strict, frozen and in eval mode; its
+    config). Names with a tag and local-dir folders are built by open_clip.create_model; a state-dict file by
+    open_clip with --teacher-model NAME; a ckpt.pt of these scripts from the config and weights it holds."""
     try:
-        if os.path.isfile(spec):
+        if spec.startswith('local-dir:'):
+            with open(os.path.join(spec[len('local-dir:'):], 'open_clip_config.json')) as f:
+                cfg = json.load(f)['model_cfg']
+            clip = open_clip.create_model(spec, require_pretrained=True)
+        elif os.path.isfile(spec) and model_name == 'tiny':  # this project's CPU model, not in open_clip's registry
+            cfg = common.model_config('tiny')
+            clip = open_clip.CLIP(**cfg)
+            open_clip.load_checkpoint(clip, spec, strict=True)
+        elif os.path.isfile(spec) and model_name:
+            cfg = open_clip.get_model_config(model_name)
+            clip = open_clip.create_model(model_name, pretrained=spec, require_pretrained=True)
+        elif os.path.isfile(spec):
             state = open_clip.factory.load_state_dict(spec)  # .pt/.bin/.safetensors, a 'state_dict' key, 'module.'
-            if 'args' in state and 'model' in state:  # a ckpt.pt written by these scripts
-                cfg, state = state.get('cfg') or common.model_config(state['args']['model']), state['model']
-            elif model_name:
-                cfg = common.model_config(model_name)
-            else:
+            if not ('args' in state and 'model' in state):
                 raise ValueError('a state-dict file needs --teacher-model NAME')
+            cfg = state.get('cfg') or common.model_config(state['args']['model'])  # a ckpt.pt written by these scripts
+            clip = open_clip.CLIP(**cfg)
+            clip.load_state_dict(state['model'], strict=True)
         else:
-            if spec.startswith('local-dir:'):
-                path = spec[len('local-dir:'):]
-                if not os.path.isfile(os.path.join(path, 'open_clip_config.json')):
-                    raise FileNotFoundError(f'no open_clip model in {path}')
-                with open(os.path.join(path, 'open_clip_config.json')) as f:
-                    cfg = json.load(f)['model_cfg']
-                oc = open_clip.create_model(spec)
-            else:
-                name, _, tag = spec.partition('/')
-                cfg = common.model_config(name)
-                cfg['quick_gelu'] = cfg.get('quick_gelu') or open_clip.get_pretrained_cfg(name, tag).get('quick_gelu', False)
-                oc = open_clip.create_model(name, pretrained=tag or None, require_pretrained=True)
-            state = oc.state_dict()
-        teacher = common.CLIP(cfg)
-        teacher.load_state_dict(state, strict=True)
+            name, _, tag = spec.partition('/')
+            if not tag:
+                raise ValueError(f'{name} needs a pretrained tag, one of: '
+                                 f'{", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"}')
+            quick_gelu = (open_clip.get_pretrained_cfg(name, tag) or {}).get('quick_gelu', False)  # OpenAI's weights
+            cfg = dict(open_clip.get_model_config(name) or {}, **({'quick_gelu': True} if quick_gelu else {}))
+            clip = open_clip.create_model(name, pretrained=tag, require_pretrained=True,
+                                          force_quick_gelu=quick_gelu)
     except Exception as err:
         raise ValueError(f'cannot load teacher {spec!r} ({str(err).splitlines()[0]}); make one with `python flip.py` '
                          f'(then --teacher local-dir:runs/flip/open_clip) or name a pretrained one, e.g. '
                          f'--teacher ViT-B-16/openai') from None
-    return teacher.eval().requires_grad_(False), cfg
+    check_tower(clip.visual, spec)
+    return clip.eval().requires_grad_(False), cfg
+
+
+def check_tower(visual, spec):
+    """Refuses an image tower without patch tokens to align to (a CNN, attention pooling), in one line."""
+    if isinstance(visual, TimmModel):
+        t = visual.trunk
+        ok = all(hasattr(t, a) for a in ('num_prefix_tokens', 'fc_norm', 'patch_embed')) and bool(t.global_pool) and \
+            getattr(t, 'attn_pool', None) is None and 'pool' not in visual.head._modules
+    elif isinstance(visual, OpenClipViT):
+        ok = visual.attn_pool is None and visual.pool_type != 'none'
+    else:
+        ok = isinstance(visual, common.VisionTransformer)
+    if not ok:
+        raise ValueError(f'the image tower of teacher {spec!r} ({type(getattr(visual, "trunk", visual)).__name__}) has '
+                         'no patch tokens to align to: UTA needs a ViT (open_clip\'s, or a timm ViT/EVA trunk) pooled '
+                         'by its CLS token or a token average, not by attention')
 
 
 def student_config(teacher_cfg, model):
     """The student's vision tower from --model, CLS pooled; embedding dimension, activation and text tower from the
-    teacher, so the head (visual.proj) lands in the teacher's space and the teacher's text tower fits."""
+    teacher, so the head (visual.proj) lands in the teacher's space and the teacher's text tower fits. Raises
+    ValueError for a teacher text tower that the compact text transformer cannot hold."""
+    text = teacher_cfg['text_cfg']
+    bad = [k for k, x in text.items() if k not in common._TEXT_KEYS and x and common._TEXT_DEFAULTS.get(k) != x]
+    if bad:
+        raise ValueError(f'the teacher\'s text tower uses text_cfg.{", text_cfg.".join(bad)}, which the compact text '
+                         'transformer in common.py (the student\'s copy of it) does not implement')
     vision = dict(common.model_config(model)['vision_cfg'], pool_type='tok')
-    return {**copy.deepcopy(teacher_cfg), 'vision_cfg': vision}
+    cfg = {k: copy.deepcopy(v) for k, v in teacher_cfg.items() if k in ('embed_dim', 'quick_gelu', 'text_cfg')}
+    return dict(cfg, vision_cfg=vision)
+
+
+def copy_text_tower(student, teacher):
+    """The teacher's text tower and logit scale into the student (a common.CLIP), strict. open_clip's CustomTextCLIP
+    (EVA-CLIP) holds them under 'text.'; CLIP and common.CLIP at the top level."""
+    state = teacher.state_dict()
+    if isinstance(teacher, open_clip.CustomTextCLIP):
+        state = {'logit_scale': state['logit_scale'], **{k[5:]: v for k, v in state.items() if k.startswith('text.')}}
+    names = [k for k in student.state_dict() if not k.startswith('visual.')]
+    missing = [k for k in names if k not in state]
+    if missing:
+        raise ValueError(f'the teacher\'s text tower has no {missing[0]}, which the student\'s copy needs')
+    try:
+        student.load_state_dict({**student.state_dict(), **{k: state[k] for k in names}}, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f'the teacher\'s text tower does not fit the student\'s copy '
+                         f'({str(err).splitlines()[-1].strip()})') from None
 
 
 def resample_tokens(patches, src_grid, dst_grid):
@@ -193,23 +272,55 @@ def resample_tokens(patches, src_grid, dst_grid):
     return x.flatten(2).transpose(1, 2)  # (B, Hd * Wd, D)
 
 
-class Teacher(nn.Module):
-    """The frozen teacher's targets: every token after ln_post and proj, on the student's grid, (B, 1 + L, D)."""
+def tower_tokens(visual, images):
+    """A CLIP image tower's outputs in CLIP space: (its image embedding (B, D), exactly as it pools; every patch token
+    through the same final norm and projection (B, Lt, D))."""
+    if isinstance(visual, common.VisionTransformer):  # the compact ViT of these scripts (bench.py's step)
+        tokens = visual.forward_tokens(images) @ visual.proj  # (B, 1 + Lt, D)
+        return visual.pool(tokens), tokens[:, 1:]
+    if isinstance(visual, TimmModel):  # EVA-CLIP, timm ViTs: the trunk's head, then open_clip's, on every token
+        trunk = visual.trunk
+        x = trunk.forward_features(images)  # (B, prefix + Lt, width) after the trunk's final norm
+        patches = visual.head(trunk.head(trunk.fc_norm(x[:, trunk.num_prefix_tokens:])))  # (B, Lt, D)
+        return visual.head(trunk.forward_head(x)), patches  # the first is visual(images)
+    # open_clip's ViT: the last block's tokens through ln_post (normalize_intermediates), then proj
+    out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt='NLC')
+    patches = out['image_intermediates'][-1]  # (B, Lt, width) after ln_post
+    return out['image_features'], patches if visual.proj is None else patches @ visual.proj
 
-    def __init__(self, clip, grid):
+
+def _pair(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+
+
+class Teacher(nn.Module):
+    """The frozen teacher's targets on the student's grid, (B, 1 + L, D): its CLIP image embedding, then every patch
+    token in CLIP space. Images come at the student's size, normalised with `mean`/`std` (the student's: OpenAI's);
+    they are resized to the teacher's resolution and renormalised to its statistics where those differ."""
+
+    def __init__(self, clip, grid, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD):
         super().__init__()
-        self.clip, self.grid = clip, tuple(grid)
+        v = clip.visual
+        self.clip, self.grid, self.size = clip, tuple(grid), _pair(v.image_size)
+        self.src_grid = tuple(v.trunk.patch_embed.grid_size) if isinstance(v, TimmModel) else tuple(v.grid_size)
+        pp = open_clip.get_model_preprocess_cfg(clip)
+        t_mean, t_std = [torch.tensor(pp.get(k) or d, dtype=torch.float32) for k, d in (('mean', mean), ('std', std))]
+        s_mean, s_std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.renormalise = not (torch.allclose(t_mean, s_mean) and torch.allclose(t_std, s_std))
+        device = next(clip.parameters()).device
+        self.register_buffer('scale', (s_std / t_std).view(3, 1, 1).to(device), persistent=False)
+        self.register_buffer('shift', ((s_mean - t_mean) / t_std).view(3, 1, 1).to(device), persistent=False)
 
     @torch.no_grad()
     def forward(self, images):
-        v = self.clip.visual
-        if images.shape[-1] != v.image_size:
-            images = F.interpolate(images, size=(v.image_size, v.image_size), mode='bicubic', align_corners=False)
-        tokens = v.forward_tokens(images) @ v.proj  # (B, 1 + Lt, D): CLIP space
-        patches = tokens[:, 1:]
-        if tuple(v.grid_size) != self.grid:
-            patches = resample_tokens(patches, v.grid_size, self.grid)  # (B, L, D)
-        return torch.cat([v.pool(tokens)[:, None], patches], dim=1)  # first row: the CLIP image embedding
+        if tuple(images.shape[-2:]) != self.size:
+            images = F.interpolate(images, size=self.size, mode='bicubic', align_corners=False)
+        if self.renormalise:  # x_teacher = (x * std + mean - teacher_mean) / teacher_std
+            images = images * self.scale + self.shift
+        pooled, patches = tower_tokens(self.clip.visual, images)  # (B, D), (B, Lt, D): CLIP space
+        if self.src_grid != self.grid:
+            patches = resample_tokens(patches, self.src_grid, self.grid)  # (B, L, D)
+        return torch.cat([pooled[:, None], patches], dim=1)  # first row: the CLIP image embedding
 
 
 class Student(nn.Module):
@@ -276,11 +387,14 @@ def main(argv=None):
     # model: `model` (student image tower + a copy of the teacher's text tower) is saved, evaluated and exported;
     # `train_model` (compiled, DDP) runs the training forward; `teacher` is frozen and never saved
     model = common.CLIP(cfg).to(device)
-    text_tower = {k: v for k, v in teacher_clip.state_dict().items() if not k.startswith('visual.')}
-    model.load_state_dict({**model.state_dict(), **text_tower}, strict=True)
+    try:
+        copy_text_tower(model, teacher_clip)
+    except ValueError as err:
+        common.fail(err)
     teacher_clip = teacher_clip.to(device)
     grid = model.visual.grid_size
-    teacher = common.maybe_compile(Teacher(teacher_clip, grid), args.compile, device)
+    plain_teacher = Teacher(teacher_clip, grid)  # its targets; `teacher` is the compiled handle
+    teacher = common.maybe_compile(plain_teacher, args.compile, device)
     tokenizer = common.tokenizer_for(cfg)
     num_patches = model.visual.num_patches
 
@@ -294,14 +408,21 @@ def main(argv=None):
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
     start = state['step'] if state else 0
 
-    # data: captions are tokenised by the loader but only the contrastive stage reads them
+    # data: images only (an ImageFolder, or shards whose captions are not read) unless a contrastive stage needs the
+    # captions; where the loader tokenises them, only that stage reads them. The teacher is evaluated on its own
+    # preprocessing (size, mean, std)
     train_tf, eval_tf = transforms(args, cfg)
-    teacher_size = teacher_cfg['vision_cfg']['image_size']
+    size = cfg['vision_cfg']['image_size']
+    image_only = args.dataset_type == 'imagefolder' or \
+        (args.dataset_type == 'webdataset' and not args.contrastive_steps)
+    pp = open_clip.get_model_preprocess_cfg(teacher_clip)
+    teacher_tf = open_clip.image_transform(plain_teacher.size, is_train=False, mean=pp.get('mean'), std=pp.get('std'))
     try:
-        loader, num_samples = data.train_loader(args, train_tf, tokenizer, cfg['vision_cfg']['image_size'], rank, world, start)
-        tasks, retrieval = data.eval_sets(args, eval_tf, cfg['vision_cfg']['image_size'])
-        teacher_tasks, teacher_retrieval = (tasks, retrieval) if teacher_size == cfg['vision_cfg']['image_size'] else \
-            data.eval_sets(args, open_clip.image_transform(teacher_size, is_train=False), teacher_size)
+        loader, num_samples = data.image_loader(args, train_tf, rank, world, start) if image_only else \
+            data.train_loader(args, train_tf, tokenizer, size, rank, world, start)
+        tasks, retrieval = data.eval_sets(args, eval_tf, size)
+        teacher_tasks, teacher_retrieval = (tasks, retrieval) if plain_teacher.size == (size, size) and \
+            not plain_teacher.renormalise else data.eval_sets(args, teacher_tf, plain_teacher.size[0])
     except data.DataError as err:
         common.fail(err)
     global_batch = common.finish_run_args(args, num_samples, world, 640, default_lr)
@@ -313,7 +434,7 @@ def main(argv=None):
     def make_optimizer(contrastive):
         for name, p in model.named_parameters():
             p.requires_grad_(contrastive or name.startswith('visual.'))
-        return torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98))
+        return torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def wrap():  # after make_optimizer: DDP registers the parameters that require grad when it is built
         m = common.maybe_compile(Student(model), args.compile, device)
@@ -363,8 +484,8 @@ def main(argv=None):
         else:  # stage 1: align the student's unmasked tokens to the teacher's tokens at the same positions
             g = common.step_generator(device, args.seed, rank, step)
             ratio = args.mask_ratio if step < unmasked_from else 0.0
-            ids_keep = block_masking(images.shape[0], grid, ratio, g) if args.mask == 'block' \
-                else random_masking(images.shape[0], num_patches, ratio, g)  # (B, K)
+            ids_keep = random_masking(images.shape[0], num_patches, ratio, g) if args.mask == 'random' else \
+                block_masking(images.shape[0], grid, ratio, g, inside=args.mask == 'block-inside')  # (B, K)
             with amp:
                 targets = teacher(images)  # (B, 1 + L, D), no grad
                 tokens = train_model(images, ids_keep)  # (B, 1 + K, D)
@@ -378,6 +499,7 @@ def main(argv=None):
                           f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
             common.cleanup()
             sys.exit(1)
+        common.clip_grad_norm(model, args.grad_clip_norm)
         optimizer.step()
         if contrastive:
             with torch.no_grad():
