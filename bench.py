@@ -6,6 +6,7 @@ and data; this file answers both here, in one run per question.
     python bench.py speed --model tiny                  # cost: step time, FLOPs, memory; CLIP = 1.00x (~40 s on a CPU)
     python bench.py speed --model ViT-B-16 --batch-size 8 --rounds 3 --warmup 1
     python bench.py quality --steps 400 --seeds 0 1     # what it buys: same-budget runs, tables and a plot (~70 min)
+    python bench.py loader                              # can the loader feed it: images/s per worker vs OpenCLIP's
 
 speed (one process, the current device: CUDA if present, else CPU):
 - every method's training step (forward, backward, AdamW, and its EMA/centre updates) on the same model size and
@@ -30,22 +31,36 @@ median of the logged 10-step intervals, so the few intervals that hold start-up 
 subprocess wall-clock is recorded too. Reports mean and spread over seeds per task, the paper's claims next to what we
 measured, and a PNG of zero-shot accuracy against training seconds (needs matplotlib).
 
-Outputs in --out (default bench/): speed-<model>-<device>.{json,md}; quality.{json,md,png} and the runs under runs/.
+loader: images/s per loader worker at --image-size from generated WebDataset shards of web-sized JPEGs (500x375 by
+default), through FLIP's training transform and OpenCLIP's tokenizer, for open_clip_train.data.get_wds_dataset (as
+its training builds it with --dataset-resampled; it needs pandas), this project's pipeline decoding every JPEG in full
+(as before draft decoding), and this project's pipeline (data.Decoder: a JPEG is decoded at 1/2-1/8 size when the
+crop leaves room). Rounds are interleaved (a few batches of each pipeline in turn), the ratio taken per round.
+
+Outputs in --out (default bench/): speed-<model>-<device>.{json,md}; quality.{json,md,png} and the runs under runs/;
+loader-<size>px-<W>x<H>.{json,md}.
 """
 import argparse
+import contextlib
 import copy
 import ctypes
+import io
 import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
+import numpy as np
 import torch
-from torch.utils.data import default_collate
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
 from torch.utils import flop_counter
 
 import open_clip
@@ -166,7 +181,7 @@ def uniclip_step(model_name, batch_size, device):
     """UniCLIP's default step: two augmented views + the caption per sample, MP-NCE in the universal space."""
     args = uniclip.get_args(['--model', model_name, '--batch-size', str(max(2, batch_size))])
     cfg = common.model_config(model_name)
-    model = uniclip.UniCLIP(cfg, args.aug_embed, args.aug_hidden, args.similarity, args.tau_init).to(device)
+    model = uniclip.UniCLIP(cfg, args.aug_embed, args.aug_hidden, args.tau, args.offset, args.tau_init).to(device)
     (images, params), texts = synthetic_batch(uniclip.transforms(args, cfg)[0], common.tokenizer_for(cfg),
                                               cfg['vision_cfg']['image_size'], batch_size)
     B, V = images.shape[:2]
@@ -176,7 +191,7 @@ def uniclip_step(model_name, batch_size, device):
     def loss():
         image_features, text_features, tau, offset = model(images, params, texts)
         z = torch.cat([image_features.view(B, V, -1), text_features[:, None]], dim=1)
-        return uniclip.universal_loss(z, domains, tau, offset, args.loss)[0]
+        return uniclip.universal_loss(z, domains, tau, offset, args.loss, args.text_text)[0]
     return model, loss, None
 
 
@@ -395,7 +410,7 @@ CONFIGS = {  # name: (script, flags beyond the shared budget)
     'flip50-equal-time': ('flip.py', ['--mask-ratio', '0.5']),  # --steps: CLIP's training seconds / FLIP's step time
     'uta': ('uta.py', ['--teacher', 'local-dir:{runs}/flip50-s{seed}/open_clip']),
     'aclip': ('attentive_mask_clip.py', ['--mask', 'attentive', '--time-steps', '0']),
-    'aclip-random': ('attentive_mask_clip.py', ['--mask', 'random', '--time-steps', '0']),
+    'aclip-random': ('attentive_mask_clip.py', ['--mask', 'random', '--time-steps', '0']),  # per-token: the paper's
     'aclip-1view-cliponly': ('attentive_mask_clip.py', ['--mask', 'attentive', '--views', '1', '--simclr-weight', '0',
                                                          '--byol-weight', '0', '--time-steps', '0']),
     'aclip-random-1view-cliponly': ('attentive_mask_clip.py', ['--mask', 'random', '--views', '1', '--simclr-weight',
@@ -406,7 +421,10 @@ CONFIGS = {  # name: (script, flags beyond the shared budget)
     'uniclip': ('uniclip.py', []),
     'uniclip-no-aug-embed': ('uniclip.py', ['--aug-embed', 'none']),
     'uniclip-infonce': ('uniclip.py', ['--loss', 'infonce']),
-    'uniclip-shared-sim': ('uniclip.py', ['--similarity', 'shared']),
+    'uniclip-shared-tau': ('uniclip.py', ['--tau', 'shared']),  # one learnable temperature, same starting values
+    'uniclip-no-offset': ('uniclip.py', ['--offset', 'none']),
+    'uniclip-same-tau-init': ('uniclip.py', ['--tau-init', '0.07', '0.07']),  # image-image starts at 0.07, not 0.1
+    'uniclip-shared-sim': ('uniclip.py', ['--tau', 'shared', '--offset', 'none', '--tau-init', '0.07', '0.07']),
 }
 CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'matches' it, or the UTA 'teacher' test
     ('FLIP: masking 50% matches or beats CLIP at equal steps, at about half the step cost', 'flip50', 'clip', 'matches'),
@@ -426,6 +444,12 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
     ('UniCLIP: the augmentation-aware embedding helps', 'uniclip', 'uniclip-no-aug-embed', 'beats'),
     ('UniCLIP: MP-NCE beats InfoNCE with shared denominators', 'uniclip', 'uniclip-infonce', 'beats'),
     ('UniCLIP: per-domain-pair similarity helps', 'uniclip', 'uniclip-shared-sim', 'beats'),
+    ('UniCLIP: per-domain-pair similarity helps, one part alone: a temperature per pair (vs one shared)', 'uniclip',
+     'uniclip-shared-tau', 'beats'),
+    ('UniCLIP: per-domain-pair similarity helps, one part alone: the image-image offset (vs none)', 'uniclip',
+     'uniclip-no-offset', 'beats'),
+    ('UniCLIP: per-domain-pair similarity helps, one part alone: image-image tau from 0.1 (vs 0.07; our init)',
+     'uniclip', 'uniclip-same-tau-init', 'beats'),
 ]
 MEASURES = ['zeroshot/object', 'zeroshot/shape', 'retrieval/image_to_text_R@1']  # what a claim is judged on
 EVAL_SIZE = {'zeroshot/object': 1200, 'zeroshot/shape': 1200, 'retrieval/image_to_text_R@1': 500}  # data.py's sets
@@ -581,6 +605,369 @@ def plot(args, runs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches='tight')
 
+# ----------------------------------------------------------------------------- loader: images/s per loader worker
+
+
+def web_shards(folder, shards, per_shard, width, height, seed=0):
+    """WebDataset shards of web-sized JPEGs (smooth structure plus pixel texture, quality 90: ~80 KB at 500x375, like a
+    photo) and synthetic captions. Returns the brace pattern."""
+    rng = np.random.default_rng(seed)
+    for s in range(shards):
+        with tarfile.open(os.path.join(folder, f'{s:05d}.tar'), 'w') as tar:
+            for i in range(per_shard):
+                coarse = rng.integers(0, 256, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+                pixels = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC)).astype(np.int16)
+                pixels = np.clip(pixels + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
+                jpeg = io.BytesIO()
+                Image.fromarray(pixels).save(jpeg, format='JPEG', quality=90)
+                text = data.caption(data.sample_scene(random.Random(s * per_shard + i), True)).encode()
+                for ext, payload in (('jpg', jpeg.getvalue()), ('txt', text)):
+                    info = tarfile.TarInfo(f'{s * per_shard + i:08d}.{ext}')
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return os.path.join(folder, f'{{00000..{shards - 1:05d}}}.tar')
+
+
+def open_clip_loader(spec, transform, tokenizer, batch_size, workers, seed):
+    """open_clip_train.data.get_wds_dataset as its training run builds it with --dataset-resampled (endless). One shim:
+    webdataset after 0.2.86 (OpenCLIP pins <= 0.2.86; this project needs newer) ends each shard's file stream with an
+    empty dict, which open_clip_train's grouping of files into samples does not expect; those markers are dropped."""
+    import open_clip_train.data as oc
+    if not getattr(oc.tar_file_expander, 'shim', False):
+        expand = oc.tar_file_expander
+
+        def tar_file_expander(*a, **kw):
+            return (f for f in expand(*a, **kw) if f)
+        tar_file_expander.shim = True
+        oc.tar_file_expander = tar_file_expander
+    a = argparse.Namespace(train_data=spec, train_num_samples=10 ** 9, dataset_resampled=True, batch_size=batch_size,
+                           train_data_upsampling_factors=None, workers=workers, world_size=1, seed=seed)
+    return oc.get_wds_dataset(a, transform, is_train=True, tokenizer=tokenizer).dataloader
+
+
+def our_loader(spec, transform, tokenizer, batch_size, workers, seed, draft):
+    """data.train_loader's WebDataset loader; draft=False decodes every JPEG in full (the pipeline before draft)."""
+    members = data.Members('jpg;png;jpeg;webp', 'txt')
+    ds = data.webdataset_pipeline(spec, transform, tokenizer, seed, 0, 1, 0, members, draft)
+    return data.Loader(DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=data._collate,
+                                  persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed)))
+
+
+def interleaved_rates(loaders, batches, rounds, workers):
+    """{name: loader} -> {name: [images/s, one per round]}. Each round times `batches` batches of each loader in turn
+    (the order rotated every round), after taking the batches its workers made while the others were timed (2 per
+    worker: the prefetch)."""
+    iters = {name: iter(loader) for name, loader in loaders.items()}
+    for it in iters.values():
+        next(it)  # start-up: worker processes spawned, shuffle buffers filled
+    rates = {name: [] for name in loaders}
+    names = list(loaders)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            it = iters[name]
+            for _ in range(2 * workers):
+                next(it)
+            t, n = time.perf_counter(), 0
+            for _ in range(batches):
+                n += len(next(it)[1])
+            rates[name].append(n / (time.perf_counter() - t))
+    return rates
+
+
+def loader(args):
+    """Images/s per loader worker, this project's WebDataset pipeline against OpenCLIP's on the same shards, the same
+    transform (FLIP's: RandomResizedCrop to --image-size, area (0.5, 1), bicubic; flip; normalise) and tokenizer."""
+    size = args.image_size
+    transform = flip.transforms(argparse.Namespace(dataset_type='webdataset'), {'vision_cfg': {'image_size': size}})[0]
+    tokenizer = open_clip.tokenizer.SimpleTokenizer()  # OpenCLIP's, 77 tokens
+    with tempfile.TemporaryDirectory() as folder:
+        spec = web_shards(folder, args.shards, args.shard_samples, *args.source_size)
+        loaders = {'open_clip': open_clip_loader(spec, transform, tokenizer, args.batch_size, args.workers, 0),
+                   'ours, full decode': our_loader(spec, transform, tokenizer, args.batch_size, args.workers, 0, False),
+                   'ours': our_loader(spec, transform, tokenizer, args.batch_size, args.workers, 0, True)}
+        common.print0(f'timing {len(loaders)} loaders x {args.rounds} rounds of {args.loader_batches} batches of '
+                      f'{args.batch_size}, {max(1, args.workers)} worker(s) each')
+        rates = interleaved_rates(loaders, args.loader_batches, args.rounds, args.workers)
+    per_worker = max(1, args.workers)
+    rows = {}
+    for name, r in rates.items():
+        ratios = [a / b for a, b in zip(r, rates['open_clip'])]  # per round: both timed under the same load
+        rows[name] = {'images_per_s_per_worker': statistics.median(r) / per_worker,
+                      'ratio_to_open_clip': statistics.median(ratios), 'ratio_range': [min(ratios), max(ratios)]}
+    return rows
+
+
+def loader_report(args, rows):
+    w, h = args.source_size
+    lines = [f'Loader throughput, `python bench.py loader --image-size {args.image_size} --source-size {w} {h} '
+             f'--workers {args.workers} --batch-size {args.batch_size}` on {device_name(torch.device("cpu"))}: '
+             f'{args.shards} x {args.shard_samples} JPEGs of {w}x{h} to {args.image_size} px through FLIP\'s training '
+             f'transform; median of {args.rounds} interleaved rounds (the ratio per round, both timed under the same '
+             'load; its range over rounds in brackets). A shared machine\'s load moves the absolute numbers.', '',
+             '| pipeline | images/s per worker | vs open_clip |', '|---|---|---|']
+    for name, row in rows.items():
+        lo, hi = row['ratio_range']
+        lines.append(f"| {name} | {row['images_per_s_per_worker']:.1f} | {row['ratio_to_open_clip']:.2f}x "
+                     f'[{lo:.2f}, {hi:.2f}] |')
+    return '\n'.join(lines) + '\n'
+
+# ----------------------------------------------------------------------------- accum: big batches on few devices
+
+SCRIPTS_RUN = {  # name: (module, flags) for the in-process runs of `accum`; {teacher}: a frozen random CLIP
+    'clip': (flip, ['--mask-ratio', '0']),
+    'flip50': (flip, ['--mask-ratio', '0.5']),
+    'uta': (uta, ['--teacher', '{teacher}', '--unmasked-fraction', '0']),
+    'aclip': (aclip, ['--time-steps', '0']),
+    'maskclip': (maskclip, ['--time-steps', '0']),
+    'uniclip': (uniclip, []),
+}
+
+
+def run_script(name, argv, folder):
+    """The method's own main(argv) in this process (its real loop, common.accumulate included), with the evaluation
+    sets, evaluation and export skipped: they are not what is timed. -> the log records (one per step)."""
+    module, flags = SCRIPTS_RUN[name]
+    skipped = {(data, 'eval_sets'): lambda *a, **k: ({}, None), (common, 'evaluate'): lambda *a, **k: {},
+               (common, 'export_open_clip'): lambda *a, **k: None, (common, 'print_results'): lambda *a, **k: None}
+    real = {key: getattr(*key) for key in skipped}
+    out = tempfile.mkdtemp(dir=folder)
+    argv = [f.format(teacher=f'local-dir:{folder}/teacher') for f in flags] + argv + [
+        '--out', out, '--workers', '0', '--log-every', '1', '--save-every', '100000']
+    try:
+        for (module_, attr), fn in skipped.items():
+            setattr(module_, attr, fn)
+        module.main(argv)
+    finally:
+        for (module_, attr), fn in real.items():
+            setattr(module_, attr, fn)
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def accum(args, device):
+    """Per method: compute seconds per sample at --accum-freq 2 and 4 against 1 at the same micro-batch (the real
+    loops, rounds interleaved, the first steps of each run dropped), and --grad-checkpointing's activation memory and
+    step time against the same step without (bench's step functions, the flag toggled on the same model)."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        common.export_open_clip(common.CLIP(common.model_config(args.model)), common.model_config(args.model),
+                                os.path.join(folder, 'teacher'))
+        base = ['--model', args.model, '--batch-size', str(args.batch_size), '--steps', str(args.accum_steps + 1),
+                '--compile', 'off', '--precision', args.precision]
+        per_sample = {(n, k): [] for n in args.methods for k in args.accum_freqs}
+        for r in range(args.rounds):
+            for name in args.methods:
+                for k in args.accum_freqs:
+                    records = [x for x in run_script(name, base + ['--accum-freq', str(k)], folder)
+                               if 'compute_seconds' in x][1:]  # the first step: warm-up
+                    per_sample[name, k].append(statistics.median(x['compute_seconds'] for x in records) /
+                                               (k * args.batch_size))
+                    common.print0(f'round {r + 1}: {name} accum-freq {k}: {1e3 * per_sample[name, k][-1]:.1f} ms/sample')
+    amp = common.autocast(device, args.precision)
+    for name in args.methods:
+        one = per_sample[name, 1]
+        rows[name] = {f'accum_{k}_ratio': statistics.median(a / b for a, b in zip(per_sample[name, k], one))
+                      for k in args.accum_freqs if k != 1}
+        rows[name]['ms_per_sample'] = 1e3 * statistics.median(one)
+        if name not in STEPS and name != 'flip50':
+            continue
+        torch.manual_seed(0)
+        model, loss_fn, _ = STEPS[name](args.model, args.batch_size, device)
+
+        def forward_backward(ckpt, model=model, loss_fn=loss_fn):
+            common.set_grad_checkpointing(model, ckpt)
+            with amp:
+                loss = loss_fn()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        plain, ckpt = (saved_bytes(lambda c=c: forward_backward(c), model) for c in (False, True))
+        seconds = interleaved_medians({False: lambda: forward_backward(False), True: lambda: forward_backward(True)},
+                                      args.rounds, 1, device)
+        rows[name].update(saved_MiB=plain / 2 ** 20, ckpt_saved_MiB=ckpt / 2 ** 20, ckpt_memory_ratio=ckpt / plain,
+                          ckpt_time_ratio=seconds[True] / seconds[False])
+        common.print0(f'{name}: grad checkpointing memory {ckpt / plain:.2f}x, time {seconds[True] / seconds[False]:.2f}x')
+    return rows
+
+
+def openclip_accum(args, device):
+    """OpenCLIP's --accum-freq (open_clip_train/train.py, restated line for line: a no-grad forward caches every
+    micro-batch's features; then each micro-batch is forwarded again and the whole loss, its own features in place of
+    the cached ones and its own logit scale, is backpropagated) on open_clip's own model with FLIP-style patch
+    dropout, against ours (common.accumulate on common.CLIP with the same weights, masks per global row); both
+    against one big batch with the masks the first pass used. -> gradient errors and time."""
+    cfg = common.model_config(args.model)
+    oc_cfg = copy.deepcopy(cfg)
+    oc_cfg['vision_cfg']['patch_dropout'] = 0.5
+    torch.manual_seed(0)
+    ours = common.CLIP(cfg).to(device)
+    theirs = open_clip.model.CLIP(**oc_cfg, output_dict=True).to(device)
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    K, B = 2, args.batch_size
+    images, texts = synthetic_batch(open_clip.image_transform(cfg['vision_cfg']['image_size'], is_train=False),
+                                    common.tokenizer_for(cfg), cfg['vision_cfg']['image_size'], K * B)
+    images, texts = images.to(device), texts.to(device)
+    L = ours.visual.num_patches
+    loss_fn = open_clip.ClipLoss()
+    drawn = []  # the keep indices open_clip's PatchDropout drew, per call
+
+    def record(module, inputs, output):
+        drawn.append(output)
+    theirs.visual.patch_dropout.register_forward_hook(record)
+
+    def grads(model):
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    def openclip_step():
+        theirs.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            cached = [theirs(images[k * B:(k + 1) * B], texts[k * B:(k + 1) * B]) for k in range(K)]
+        for j in range(K):
+            out = theirs(images[j * B:(j + 1) * B], texts[j * B:(j + 1) * B])
+            img = torch.cat([c['image_features'] for c in cached[:j]] + [out['image_features']] +
+                            [c['image_features'] for c in cached[j + 1:]])
+            txt = torch.cat([c['text_features'] for c in cached[:j]] + [out['text_features']] +
+                            [c['text_features'] for c in cached[j + 1:]])
+            loss_fn(img, txt, out['logit_scale']).backward()
+
+    generator = torch.Generator(device).manual_seed(0)
+    ids_keep = flip.random_masking(K * B, L, 0.5, generator)
+    micro = [common.Micro(images[k * B:(k + 1) * B], texts[k * B:(k + 1) * B], slice(k * B, (k + 1) * B)) for k in range(K)]
+
+    def our_step():
+        ours.zero_grad(set_to_none=True)
+        common.accumulate(ours, micro, lambda m: common.Forward(coupled=ours(m.images, m.texts, ids_keep[m.rows])[:2],
+                                                                 shared=(ours.logit_scale.exp(),)), common.clip_loss)
+
+    def reference(model_forward, model):  # one big batch, given masks
+        model.zero_grad(set_to_none=True)
+        common.clip_loss(*model_forward()).backward()
+        return grads(model)
+
+    def rel(a, b, keys):
+        return max((a[k] - b[k]).norm().item() / max(b[k].norm().item(), 1e-12) for k in keys)
+
+    our_step()
+    ours_g = grads(ours)
+    ref = reference(lambda: ours(images, texts, ids_keep), ours)
+    drawn.clear()
+    openclip_step()
+    theirs_g = grads(theirs)
+    first = torch.cat(drawn[:K])  # the cached pass's tokens: rebuild the big batch with exactly those
+    kept = first[:, 1:]  # (K*B, keep, width) with CLS first; recover indices by matching the patch embeddings
+    with torch.no_grad():
+        x = theirs.visual.conv1(images).flatten(2).transpose(1, 2) + theirs.visual.positional_embedding[1:]
+    match = (kept[:, :, None, :] - x[:, None, :, :]).abs().sum(-1).argmin(-1)  # (K*B, keep) patch indices
+    ref_theirs = reference(lambda: ours(images, texts, match), ours)
+    towers = [k for k in ref if k != 'logit_scale']
+    return {'ours_tower_rel_err': rel(ours_g, ref, towers),
+            'ours_logit_scale_rel_err': rel(ours_g, ref, ['logit_scale']),
+            'openclip_tower_rel_err': rel(theirs_g, ref_theirs, towers),
+            'openclip_logit_scale_ratio': (theirs_g['logit_scale'] / ref_theirs['logit_scale']).item(),
+            'seconds': interleaved_medians({'openclip': openclip_step, 'ours': our_step}, args.rounds, 1, device)}
+
+
+def accum_report(args, device, rows, oc):
+    lines = [f'Big batches, `python bench.py accum --model {args.model} --batch-size {args.batch_size}` on '
+             f'{device_name(device)}: compute seconds per sample of each method\'s own loop at --accum-freq K against '
+             f'K = 1 at the same micro-batch of {args.batch_size} (median over {args.rounds} interleaved rounds of '
+             f'{args.accum_steps} timed steps); --grad-checkpointing: activation memory (saved for backward) and step '
+             'time against the same step without.', '',
+             '| method | ms/sample, K = 1 | ' + ' | '.join(f'K = {k}' for k in args.accum_freqs if k != 1) +
+             ' | activation MiB | with checkpointing | its time |', '|---|---|' + '---|' * (len(args.accum_freqs) - 1) +
+             '---|---|---|']
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['ms_per_sample']:.1f} | " +
+                     ' | '.join(f"{r[f'accum_{k}_ratio']:.2f}x" for k in args.accum_freqs if k != 1) +
+                     (f" | {r['saved_MiB']:.0f} | {r['ckpt_memory_ratio']:.2f}x | {r['ckpt_time_ratio']:.2f}x |"
+                      if 'saved_MiB' in r else ' | | | |'))
+    s = oc['seconds']
+    lines += ['', f"OpenCLIP's --accum-freq 2 (its algorithm restated, open_clip's model with patch dropout 0.5) "
+              f"against ours, micro-batch {args.batch_size}, against one big batch with the same masks: tower "
+              f"gradients off by {oc['openclip_tower_rel_err']:.2g} (relative norm, worst parameter; ours "
+              f"{oc['ours_tower_rel_err']:.1g}), the logit scale's gradient {oc['openclip_logit_scale_ratio']:.2f}x the "
+              f"big batch's (ours: off by {oc['ours_logit_scale_rel_err']:.1g}); step time {s['openclip']:.3f} s vs "
+              f"ours {s['ours']:.3f} s."]
+    return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------- gpu: the check for one GPU
+
+PEAK_BF16_TFLOPS = {'H200': 989, 'H100': 989, 'A100': 312, 'L40S': 362, 'A10': 125, 'L4': 121, 'RTX 4090': 165}  # dense
+
+
+def gpu(args, device):
+    """Every method's own loop for --gpu-steps steps at --model, --compile on and then eager (bf16 where supported):
+    step time (median after the first --gpu-warmup steps), peak memory, MFU (FLOPs of the step / time / the GPU's dense
+    bf16 peak), compile seconds (the first steps' excess over the median), and a failure where dynamo compiled new
+    graphs after the warm-up steps (a recompile) or broke a graph. On a CPU (its test): eager only, no MFU."""
+    from torch._dynamo.utils import counters
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    modes = ['on', 'off'] if device.type == 'cuda' else ['off']
+    rows, failures = {}, []
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        common.export_open_clip(common.CLIP(common.model_config(args.model)), common.model_config(args.model),
+                                os.path.join(folder, 'teacher'))
+        for method in args.methods:
+            step_name = method if method in STEPS else 'clip'
+            torch.manual_seed(0)
+            model, loss_fn, _ = STEPS[step_name](args.model, args.batch_size, device)
+            with common.autocast(device, args.precision):
+                flops = count_flops(lambda: loss_fn().backward())
+            del model, loss_fn
+            for mode in modes:
+                torch._dynamo.reset()
+                counters.clear()
+                graphs = []  # unique graphs compiled so far, read at every step
+                real = common.accumulate
+
+                def counted(*a, **k):
+                    out = real(*a, **k)
+                    graphs.append(counters['stats']['unique_graphs'])
+                    return out
+                common.accumulate = counted
+                if device.type == 'cuda':
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    records = run_script(method, ['--model', args.model, '--batch-size', str(args.batch_size), '--steps',
+                                                  str(args.gpu_steps), '--compile', mode, '--precision', args.precision],
+                                         folder)
+                finally:
+                    common.accumulate = real
+                seconds = [r['compute_seconds'] for r in records if 'compute_seconds' in r]
+                step_s = statistics.median(seconds[args.gpu_warmup:])
+                row = {'step_s': step_s, 'compile_s': sum(seconds[:args.gpu_warmup]) - args.gpu_warmup * step_s,
+                       'peak_GiB': torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else None,
+                       'mfu': flops / step_s / (peak * 1e12) if peak else None,
+                       'graph_breaks': sum(counters['graph_break'].values()),
+                       'late_graphs': graphs[-1] - graphs[args.gpu_warmup - 1] if len(graphs) >= args.gpu_warmup else 0}
+                rows[f'{method} compile {mode}'] = row
+                if row['late_graphs'] or row['graph_breaks']:
+                    failures.append(f"{method} compile {mode}: {row['late_graphs']} graph(s) compiled after step "
+                                    f"{args.gpu_warmup}, {row['graph_breaks']} graph break(s)")
+                common.print0(f'{method} compile {mode}: {1e3 * step_s:.0f} ms/step' +
+                              (f", MFU {100 * row['mfu']:.0f}%" if row['mfu'] else ''))
+    return rows, failures, name
+
+
+def gpu_report(args, rows, failures, name):
+    lines = [f'GPU check, `python bench.py gpu --model {args.model} --batch-size {args.batch_size}` on {name}: each '
+             f"method's own loop, {args.gpu_steps} steps, precision {args.precision}; medians after "
+             f'{args.gpu_warmup} steps.', '', '| run | ms/step | compile s | peak GiB | MFU | graph breaks | late graphs |',
+             '|---|---|---|---|---|---|---|']
+    for run, r in rows.items():
+        peak = '' if r['peak_GiB'] is None else f"{r['peak_GiB']:.1f}"
+        mfu = '' if r['mfu'] is None else f"{100 * r['mfu']:.0f}%"
+        lines.append(f"| {run} | {1e3 * r['step_s']:.0f} | {r['compile_s']:.0f} | {peak} | {mfu} | "
+                     f"{r['graph_breaks']} | {r['late_graphs']} |")
+    lines += [''] + ([f'FAILED: {f}' for f in failures] or ['No recompiles after the warm-up steps, no graph breaks.'])
+    return '\n'.join(lines) + '\n'
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -604,11 +991,11 @@ def device_name(device):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('mode', choices=['speed', 'quality'])
+    p.add_argument('mode', choices=['speed', 'quality', 'loader', 'accum', 'gpu'])
     p.add_argument('--model', default='tiny', help='tiny, or an open_clip ViT config name such as ViT-B-16')
     p.add_argument('--batch-size', type=int, default=64, help='the same for every method')
     p.add_argument('--methods', nargs='+', default=None, help='default: all (speed: clip flip50 flip75 uta aclip '
-                   'maskclip and two variants, uniclip; quality: also the A-CLIP masking ablation and the three '
+                   'maskclip and two variants, uniclip; quality: also the A-CLIP masking ablation and the '
                    'UniCLIP ablations)')
     p.add_argument('--out', default='bench', help='folder for the tables (and quality.png)')
     g = p.add_argument_group('speed')
@@ -625,7 +1012,42 @@ def get_args(argv=None):
                    "method's own; all 1e-3 at tiny, but their rules differ at other sizes)")
     g.add_argument('--runs', default='runs/bench', help='where the training runs go (finished runs are reused)')
     g.add_argument('--no-plot', action='store_true')
+    g = p.add_argument_group('accum (also --model, --batch-size, --rounds, --precision)')
+    g.add_argument('--accum-freqs', type=int, nargs='+', default=[1, 2, 4], help='--accum-freq values timed')
+    g.add_argument('--accum-steps', type=int, default=2, help='timed steps per run (after one warm-up step)')
+    g = p.add_argument_group('gpu (also --model, --batch-size, --precision)')
+    g.add_argument('--gpu-steps', type=int, default=30, help='steps per run')
+    g.add_argument('--gpu-warmup', type=int, default=5, help='steps before the medians (and compiling)')
+    g = p.add_argument_group('loader (also --batch-size, --rounds)')
+    g.add_argument('--image-size', type=int, default=224, help='output side of the training crop')
+    g.add_argument('--source-size', type=int, nargs=2, default=[500, 375], metavar=('W', 'H'),
+                   help='the JPEGs in the generated shards (web-sized by default)')
+    g.add_argument('--shards', type=int, default=4)
+    g.add_argument('--shard-samples', type=int, default=250)
+    g.add_argument('--workers', type=int, default=1, help='loader worker processes per pipeline (0: in the main one)')
+    g.add_argument('--loader-batches', type=int, default=5, help='batches timed per pipeline and round')
     args = p.parse_args(argv)
+    if args.mode == 'loader':
+        if min(args.batch_size, args.rounds, args.image_size, args.shards, args.shard_samples, args.loader_batches,
+               *args.source_size) < 1 or args.workers < 0:
+            raise ValueError('--batch-size, --rounds, --image-size, --source-size, --shards, --shard-samples and '
+                             '--loader-batches must be >= 1, --workers >= 0')
+        try:
+            import open_clip_train.data  # noqa: F401  (the reference pipeline)
+        except ImportError as err:
+            raise ValueError(f'bench.py loader compares with open_clip_train.data.get_wds_dataset, which cannot be '
+                             f'imported ({err}): pip install pandas') from None
+        return args
+    if args.mode in ('accum', 'gpu'):
+        args.methods = args.methods or list(SCRIPTS_RUN)
+        if args.gpu_steps <= args.gpu_warmup or args.gpu_warmup < 1:
+            raise ValueError('--gpu-steps must exceed --gpu-warmup, which must be >= 1')
+        unknown = [m for m in args.methods if m not in SCRIPTS_RUN]
+        if unknown or 1 not in args.accum_freqs or min(args.accum_freqs + [args.accum_steps, args.rounds]) < 1:
+            raise ValueError(f'accum: methods from {" ".join(SCRIPTS_RUN)}; --accum-freqs >= 1 and including 1; '
+                             '--accum-steps, --rounds >= 1')
+        common.model_config(args.model)
+        return args
     known = STEPS if args.mode == 'speed' else CONFIGS
     args.methods = args.methods or list(known)
     unknown = [m for m in args.methods if m not in known]
@@ -666,6 +1088,29 @@ def main(argv=None):
             json.dump({'machine': device_name(device), 'args': vars(args), 'matmul_flops_per_s': matmul,
                        'methods': rows, 'vision_tower': towers}, f, indent=2)
         report = speed_report(args, device, rows, matmul, towers)
+    elif args.mode == 'accum':
+        device = default_device()
+        if device.type == 'cpu':
+            keep_freed_memory()
+        rows, oc = accum(args, device), openclip_accum(args, device)
+        stem = os.path.join(args.out, f'accum-{args.model}-{device.type}')
+        with open(stem + '.json', 'w') as f:
+            json.dump({'machine': device_name(device), 'args': vars(args), 'methods': rows, 'open_clip': oc}, f, indent=2)
+        report = accum_report(args, device, rows, oc)
+    elif args.mode == 'gpu':
+        device = default_device()
+        rows, failures, name = gpu(args, device)
+        stem = os.path.join(args.out, f'gpu-{args.model}-{device.type}')
+        with open(stem + '.json', 'w') as f:
+            json.dump({'machine': name, 'args': vars(args), 'runs': rows, 'failures': failures}, f, indent=2)
+        report = gpu_report(args, rows, failures, name)
+    elif args.mode == 'loader':
+        rows = loader(args)
+        w, h = args.source_size
+        stem = os.path.join(args.out, f'loader-{args.image_size}px-{w}x{h}')
+        with open(stem + '.json', 'w') as f:
+            json.dump({'machine': device_name(torch.device('cpu')), 'args': vars(args), 'pipelines': rows}, f, indent=2)
+        report = loader_report(args, rows)
     else:
         runs = quality(args)
         table = summarise(runs, args.methods)
@@ -680,6 +1125,8 @@ def main(argv=None):
         f.write(report)
     print(report)
     print(f'written to {stem}.*')
+    if args.mode == 'gpu' and failures:
+        sys.exit(1)
 
 
 if __name__ == '__main__':

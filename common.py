@@ -234,10 +234,19 @@ def add_common_args(p):
     g.add_argument('--csv-img-key', default='filepath')
     g.add_argument('--csv-caption-key', default='title')
     g.add_argument('--csv-separator', default='\t')
+    g.add_argument('--wds-image-key', default='jpg;png;jpeg;webp', help="WebDataset member holding the image "
+                   "(';'-separated alternatives, the first present wins)")
+    g.add_argument('--wds-caption-key', default='txt', help="WebDataset member holding the caption (';'-separated "
+                   "alternatives); json:FIELD reads FIELD of the .json member")
     g.add_argument('--train-num-samples', type=int, default=None, help='samples per epoch (needed for webdataset '
                    'without --steps; synthetic: dataset size, default 100000)')
     g.add_argument('--imagenet-val', default=None, help='ImageNet val folder (ImageFolder layout) for zero-shot')
     g.add_argument('--zeroshot-folder', default=None, help='any ImageFolder; class name = folder name, _ as space')
+    g.add_argument('--zeroshot-templates', default='openai', choices=['openai', 'flip'], help="prompts for "
+                   "--imagenet-val/--zeroshot-folder: OpenAI's 80, or the 7 short ones FLIP's official code uses")
+    g.add_argument('--val-data', default=None, help='retrieval set, several captions per image (COCO/Flickr30K '
+                   'test style): CSV/TSV rows of image + caption (--csv-*-keys), or WebDataset shards of an image and '
+                   'its captions one per line; scored R@1/5/10 both ways')
     g.add_argument('--workers', type=int, default=1, help='data loader processes per rank')
     g = p.add_argument_group('training')
     g.add_argument('--model', default='tiny', help='tiny, or an open_clip model name such as ViT-B-16')
@@ -438,7 +447,10 @@ class Batches:
 
     def __next__(self):
         t = time.perf_counter()
-        got = [next(self.batches) for _ in range(self.K)]
+        try:
+            got = [next(self.batches) for _ in range(self.K)]
+        except data.DataError as err:  # e.g. no readable sample in the shards (from a loader worker): bad input
+            fail(err)
         self.data_seconds += time.perf_counter() - t
         micro = []
         for k, (images, texts, _) in enumerate(got):
@@ -749,58 +761,156 @@ def fail(msg):
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: zero-shot classification (open_clip's classifier builder) and image<->text retrieval.
+# Evaluation: zero-shot classification (open_clip's classifier builder) and image<->text retrieval. A collective that
+# every rank calls: each rank encodes its batches of every set (data.eval_batches: batch c to rank c mod world, the
+# batch one process would encode), the integer counts are summed over ranks, and the results are exactly one process's
+# on the whole set, on every rank (rank 0 logs them).
+
+EVAL_BATCH = 256  # images or captions per encoder pass, for the sets held as tensors
+
+
+def _sum_over_ranks(counts):
+    """An int64 tensor of counts on the device -> their sums over ranks, as a list of ints."""
+    if world_size() > 1:
+        dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def _gather_rows(rows, index, n):
+    """This rank's rows (m, D) of a set of n items, at positions `index` (m,) -> all n rows (n, D) in order, on every
+    rank (padded to the largest share for all_gather)."""
+    if world_size() > 1:
+        shape = torch.tensor([len(index), rows.shape[1]], device=index.device)
+        shapes = [torch.empty_like(shape) for _ in range(world_size())]
+        dist.all_gather(shapes, shape)
+        most, dim = (max(int(s[i]) for s in shapes) for i in (0, 1))
+        rows = torch.cat([rows.reshape(-1, dim), rows.new_zeros(most - len(index), dim)])
+        index = torch.cat([index, index.new_full((most - len(index),), -1)])
+        all_rows, all_index = [torch.empty_like(rows) for _ in shapes], [torch.empty_like(index) for _ in shapes]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_index, index)
+        rows, index = torch.cat(all_rows), torch.cat(all_index)
+        rows, index = rows[index >= 0], index[index >= 0]  # the padding dropped
+    out = rows.new_empty(n, rows.shape[1])
+    out[index] = rows
+    return out
+
+
+def _stack(batches, device):
+    """[(features (b, D), indices (b,))] -> (features (m, D), indices (m,)); m = 0 on a rank without a batch."""
+    if not batches:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat([f for f, _ in batches]), torch.cat([i for _, i in batches])
 
 
 @torch.no_grad()
-def zeroshot_accuracy(model, tokenizer, task, device, amp):
-    """task: dict(classnames, templates, and images+labels tensors or a loader of (images, labels)) -> top-1."""
+def zeroshot_classifier(model, tokenizer, classnames, templates, device, amp):
+    """(embed_dim, classes): each class's prompt embeddings averaged (open_clip's builder), encoded 10 classes x all
+    templates per text pass, as OpenCLIP does; all of ImageNet's 1000 x 80 prompts in one pass would hold ~60 GB of
+    activations at ViT-B-16."""
     with amp:
-        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, task['classnames'], task['templates'],
-                                                          num_classes_per_batch=None, device=device)
-    batches = task.get('loader') or zip(task['images'].split(256), task['labels'].split(256))
-    correct = total = 0
+        return open_clip.build_zero_shot_classifier(model, tokenizer, classnames, templates, num_classes_per_batch=10,
+                                                    device=device).float()
+
+
+@torch.no_grad()
+def zeroshot_accuracy(model, tokenizer, task, device, amp, batch_size=EVAL_BATCH):
+    """task: dict(classnames, templates, and images + labels tensors or a loader of this rank's (images, labels)
+    batches) -> top-1 accuracy on the whole set. Every rank calls this."""
+    classifier = zeroshot_classifier(model, tokenizer, task['classnames'], task['templates'], device, amp)
+    if 'loader' in task:
+        batches = task['loader']
+    else:
+        batches = ((task['images'][b.start:b.stop], task['labels'][b.start:b.stop])
+                   for b in data.eval_batches(len(task['labels']), batch_size, rank(), world_size()))
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, seen
     for images, labels in batches:
         with amp:
             features = model.encode_image(images.to(device), normalize=True)
-        correct += (features.float() @ classifier.float()).argmax(dim=1).eq(labels.to(device)).sum().item()
-        total += len(labels)
+        counts[0] += (features.float() @ classifier).argmax(dim=1).eq(labels.to(device)).sum()
+        counts[1] += len(labels)
+    correct, total = _sum_over_ranks(counts)
     return correct / max(total, 1)
 
 
 @torch.no_grad()
-def retrieval_recall(model, tokenizer, images, captions, device, amp, ks=(1, 5)):
-    """Image->text and text->image recall@k for paired (images[i], captions[i])."""
-    with amp:
-        img = torch.cat([model.encode_image(x.to(device), normalize=True) for x in images.split(256)]).float()
-        txt = torch.cat([model.encode_text(tokenizer(captions[i:i + 256]).to(device), normalize=True)
-                         for i in range(0, len(captions), 256)]).float()
-    sim = img @ txt.T  # (N, N), true pairs on the diagonal
-    target = torch.arange(len(captions), device=device)
-    out = {}
-    for name, s in (('image_to_text', sim), ('text_to_image', sim.T)):
-        rank_of_true = (s > s[target, target].unsqueeze(1)).sum(dim=1)  # how many beat the true match
-        for k in ks:
-            out[f'retrieval/{name}_R@{k}'] = (rank_of_true < k).float().mean().item()
-    return out
+def retrieval_recall(model, tokenizer, retrieval, device, amp, ks=(1, 5, 10), name='retrieval', batch_size=EVAL_BATCH):
+    """Image<->text recall@k on a set of images and captions, caption j describing image image_of[j] (one caption per
+    image, image_of[j] = j, when not given): image->text is a hit at k if any of the image's captions ranks in the top
+    k, text->image if its one image does (the COCO / Flickr30K protocol); ties count for the true match. `retrieval`:
+    dict(captions, image_of, and images (N, 3, H, W) or a loader of this rank's (images, indices) batches with
+    num_images). Every rank calls this: it encodes its batches of images and captions, gathers both, scores its own
+    rows against all of the other side, and the hit counts are summed over ranks."""
+    captions = retrieval['captions']
+    n_txt = len(captions)
+    image_of = retrieval.get('image_of')
+    image_of = (torch.arange(n_txt) if image_of is None else image_of).to(device)
+    if 'loader' in retrieval:
+        n_img, batches = retrieval['num_images'], retrieval['loader']
+    else:
+        n_img = len(retrieval['images'])
+        batches = ((retrieval['images'][b.start:b.stop], torch.tensor(b))
+                   for b in data.eval_batches(n_img, batch_size, rank(), world_size()))
+    img = []  # this rank's batches: (features, indices)
+    for images, index in batches:
+        with amp:
+            img.append((model.encode_image(images.to(device), normalize=True).float(), index.to(device)))
+    txt = []
+    for b in data.eval_batches(n_txt, batch_size, rank(), world_size()):
+        with amp:
+            features = model.encode_text(tokenizer(captions[b.start:b.stop]).to(device), normalize=True).float()
+        txt.append((features, torch.tensor(b, device=device)))
+    all_img, all_txt = _gather_rows(*_stack(img, device), n_img), _gather_rows(*_stack(txt, device), n_txt)
+    k = torch.tensor(ks, device=device)
+    hits = torch.zeros(2, len(ks), dtype=torch.int64, device=device)  # image->text, text->image
+    for features, index in img:  # scored batch by batch, the batches one process scores
+        s = features @ all_txt.T  # (b, n_txt)
+        own = image_of[None, :] == index[:, None]  # (b, n_txt): each image's captions
+        best = s.masked_fill(~own, -math.inf).amax(dim=1, keepdim=True)  # its best-scored caption
+        hits[0] += ((s > best).sum(dim=1, keepdim=True) < k).sum(dim=0)  # captions above it: that caption's rank
+    for features, index in txt:
+        s = features @ all_img.T  # (b, n_img)
+        true = s.gather(1, image_of[index][:, None])  # its image's score
+        hits[1] += ((s > true).sum(dim=1, keepdim=True) < k).sum(dim=0)
+    hits = _sum_over_ranks(hits.flatten())
+    return {f'{name}/{d}_R@{kk}': hits[i * len(ks) + j] / n for i, (d, n) in enumerate(
+        (('image_to_text', n_img), ('text_to_image', n_txt))) for j, kk in enumerate(ks)}
 
 
-def evaluate(model, tokenizer, tasks, retrieval, device, amp):
-    """All evaluations on rank 0 -> {'zeroshot/<task>': acc, 'retrieval/<metric>': recall}."""
+def retrieval_sets(retrieval):
+    """evaluate's `retrieval`: None, one set (named 'retrieval') or {name: set} -> {name: set}."""
+    if retrieval is None:
+        return {}
+    return {'retrieval': retrieval} if 'captions' in retrieval else retrieval
+
+
+def evaluate(model, tokenizer, tasks, retrieval, device, amp, batch_size=EVAL_BATCH):
+    """Every rank calls this (collectives inside): {'zeroshot/<task>': accuracy, '<set>/<direction>_R@<k>': recall}
+    on the whole sets, the same on every rank; `retrieval` as retrieval_sets takes it. `batch_size`: per encoder pass
+    for the sets held as tensors (loaders bring their own batches)."""
     was_training = model.training
     model.eval()
-    out = {f'zeroshot/{name}': zeroshot_accuracy(model, tokenizer, task, device, amp) for name, task in tasks.items()}
-    if retrieval is not None:
-        out.update(retrieval_recall(model, tokenizer, retrieval['images'], retrieval['captions'], device, amp))
+    out = {f'zeroshot/{name}': zeroshot_accuracy(model, tokenizer, task, device, amp, batch_size)
+           for name, task in tasks.items()}
+    for name, s in retrieval_sets(retrieval).items():
+        out.update(retrieval_recall(model, tokenizer, s, device, amp, name=name, batch_size=batch_size))
     model.train(was_training)
     return out
 
 
-def chance_levels(tasks, retrieval):
+def chance_levels(tasks, retrieval, ks=(1, 5, 10)):
+    """What random embeddings score: 1 / classes; image->text with c of the n captions its own, 1 - C(n-c, k) / C(n, k)
+    (averaged over images); text->image k / images."""
     out = {f'zeroshot/{name}': 1 / len(task['classnames']) for name, task in tasks.items()}
-    if retrieval is not None:
-        n = len(retrieval['captions'])
-        out.update({f'retrieval/{d}_R@{k}': min(1.0, k / n) for d in ('image_to_text', 'text_to_image') for k in (1, 5)})
+    for name, s in retrieval_sets(retrieval).items():
+        n_txt = len(s['captions'])
+        n_img = s.get('num_images', len(s['images']) if 'images' in s else n_txt)
+        image_of = s.get('image_of')
+        per_image = torch.bincount(image_of, minlength=n_img).tolist() if image_of is not None else [1] * n_img
+        for k in ks:
+            out[f'{name}/image_to_text_R@{k}'] = sum(1 - math.comb(n_txt - c, k) / math.comb(n_txt, k)
+                                                     for c in per_image) / n_img
+            out[f'{name}/text_to_image_R@{k}'] = min(1.0, k / n_img)
     return out
 
 

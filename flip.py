@@ -234,7 +234,7 @@ def main(argv=None):
                       **meter.rates(batches), 'skipped': skipped}
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}', data=common.data_share(record))
-        if args.eval_every and step % args.eval_every == 0 and step < total and rank == 0:
+        if args.eval_every and step % args.eval_every == 0 and step < total:  # every rank: its share of the sets
             logger.log({'step': step, **common.evaluate(model, tokenizer, tasks, retrieval, device, amp)})
         if step % args.save_every == 0 or step == total or stopping:
             checkpoint(step)
@@ -243,13 +243,14 @@ def main(argv=None):
             break
     bar.close()
 
-    # cleanup: final evaluation and export (rank 0)
-    if step == total and rank == 0:
+    # cleanup: final evaluation (every rank its share; rank 0 logs and prints) and export (rank 0)
+    if step == total:
         results = common.evaluate(model, tokenizer, tasks, retrieval, device, amp)
         logger.log({'step': step, **results})
         common.print_results(results, common.chance_levels(tasks, retrieval))
-        common.export_open_clip(model, cfg, os.path.join(args.out, 'open_clip'))
-        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+        if rank == 0:
+            common.export_open_clip(model, cfg, os.path.join(args.out, 'open_clip'))
+            print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
     common.cleanup()
     return step
 

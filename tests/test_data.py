@@ -2,17 +2,23 @@
 bad samples are skipped and counted, bad paths stop the run."""
 import argparse
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from PIL import Image
 
 import common
 import data
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = common.tokenizer_for(common.model_config('tiny'))
 TO_TENSOR = lambda im: torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np.float32)).permute(2, 0, 1) / 255
 
@@ -20,7 +26,8 @@ TO_TENSOR = lambda im: torch.from_numpy(np.asarray(im.resize((16, 16)), dtype=np
 def args(**kw):
     a = argparse.Namespace(train_data=None, dataset_type='auto', csv_img_key='filepath', csv_caption_key='title',
                            csv_separator='\t', train_num_samples=None, workers=0, batch_size=4, seed=0,
-                           imagenet_val=None, zeroshot_folder=None)
+                           imagenet_val=None, zeroshot_folder=None, accum_freq=1, wds_image_key='jpg;png;jpeg;webp',
+                           wds_caption_key='txt', val_data=None, zeroshot_templates='openai')
     vars(a).update(kw)
     return a
 
@@ -127,3 +134,120 @@ def test_zeroshot_folder_names(tmp_path):
     assert retrieval is None and tasks['folder']['classnames'] == ['golden retriever', 'tabby cat']
     with pytest.raises(data.DataError):
         data.eval_sets(args(imagenet_val=str(tmp_path / 'none')), TO_TENSOR, 16)
+
+
+def write_json_shard(path, n, caption_member='json'):
+    """Samples of a .jpg and the caption under a .json member's 'caption' field: no .txt member."""
+    with tarfile.open(path, 'w') as tar:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new('RGB', (20, 20), (i * 10 % 255, 0, 0)).save(buf, format='JPEG')
+            for ext, payload in (('jpg', buf.getvalue()), (caption_member, json.dumps({'caption': f'caption {i}'}).encode())):
+                info = tarfile.TarInfo(f'{i:05d}.{ext}')
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+READ_ONE_BATCH = '''
+import sys, argparse
+sys.path.insert(0, {root!r})
+import common, data
+a = argparse.Namespace(**{args!r})
+loader, _ = data.train_loader(a, lambda im: common.torch.zeros(3, 8, 8), common.tokenizer_for(common.model_config('tiny')), 8, 0, 1, 0)
+try:
+    next(iter(loader))
+except data.DataError as err:
+    data.fail(err)
+'''
+
+
+def test_webdataset_without_the_caption_member_stops_in_one_line(tmp_path):
+    """Shards whose captions are under .json (no .txt): after data.MAX_FAILURES samples in a row the loader stops
+    with one line naming the members found and the flag, exit 2, also when the failure is in worker processes
+    (it used to skip forever)."""
+    for s in range(2):
+        write_json_shard(tmp_path / f'{s:03d}.tar', 10)
+    spec = str(tmp_path / '{000..001}.tar')
+    script = READ_ONE_BATCH.format(root=ROOT, args=vars(args(train_data=spec, workers=2)))
+    start = time.time()
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith('error: no sample could be read from --train-data in 1000 samples in a row: members '
+                             'found: jpg, json; set --wds-image-key'), err[0]
+    assert "--wds-caption-key (now 'txt')" in err[0] and 'json:FIELD' in err[0]
+    assert time.time() - start < 60
+    # the flag it names reads them
+    loader, _ = data.train_loader(args(train_data=spec, wds_caption_key='json:caption', batch_size=5), TO_TENSOR,
+                                  TOK, 16, 0, 1, 0)
+    images, texts, skipped = next(iter(loader))
+    assert images.shape == (5, 3, 16, 16) and skipped == 0
+    assert {TOK.decode(t[1:t.argmax()].tolist()).strip() for t in texts} <= {f'caption {i}' for i in range(10)}
+    # shards without any sample (empty tars) stop too, after ten passes over them
+    for s in range(2):
+        with tarfile.open(tmp_path / f'empty{s}.tar', 'w'):
+            pass
+    loader, _ = data.train_loader(args(train_data=str(tmp_path / 'empty{0..1}.tar')), TO_TENSOR, TOK, 16, 0, 1, 0)
+    with pytest.raises(data.DataError, match='in 20 shards in a row'):
+        next(iter(loader))
+
+
+def web_jpeg(w=500, h=375, seed=0):
+    """A JPEG with smooth structure and some texture, about as large as a web image."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    pixels = np.asarray(image).astype(np.int16) + rng.integers(-20, 21, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format='JPEG', quality=90)
+    return buf.getvalue()
+
+
+def test_draft_decoding_keeps_the_augmentation(monkeypatch):
+    """A RandomResizedCrop that leaves room decodes the JPEG at 1/2..1/8 size: the same crops and flips (the same
+    draws from torch's RNG), nearly the same pixels; where it leaves none (224 px from 500x375, crops >= 306 px), the
+    transform's own output, bit for bit."""
+    from PIL import JpegImagePlugin
+    drafts = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, 'draft',
+                        lambda self, mode, size: drafts.append(size) or draft(self, mode, size))
+    payload = web_jpeg()
+    for size, reduced in ((64, True), (224, False)):
+        transform = T.Compose([T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                               T.RandomHorizontalFlip(), T.ToTensor()])
+        for seed in range(8):
+            drafts.clear()
+            torch.manual_seed(seed)
+            fast = data.Decoder(transform)(payload)
+            after = torch.get_rng_state()
+            torch.manual_seed(seed)
+            with Image.open(io.BytesIO(payload)) as im:
+                full = transform(im.convert('RGB'))
+            assert torch.equal(after, torch.get_rng_state())  # the same draws: the same crop and flip
+            assert bool(drafts) == reduced
+            if reduced:
+                assert drafts[0][0] <= 250  # decoded at 1/2 or less
+                assert fast.shape == full.shape and (fast - full).abs().mean() < 0.02  # 5/255: interpolation only
+            else:
+                assert torch.equal(fast, full)
+    # a PNG, or a transform that does not start with a crop: decoded in full, the transform as given
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(payload)).save(buf, format='PNG')
+    flip = T.Compose([T.RandomHorizontalFlip(1.0), T.ToTensor()])
+    assert torch.equal(data.Decoder(flip)(payload), flip(Image.open(io.BytesIO(payload)).convert('RGB')))
+    crop = T.Compose([T.RandomResizedCrop(64), T.ToTensor()])
+    torch.manual_seed(0)
+    assert data.Decoder(crop)(buf.getvalue()).shape == (3, 64, 64)
+
+
+def test_bench_loader_mode_runs(tmp_path):
+    """bench.py loader on one tiny generated shard: the three pipelines' rows, OpenCLIP's as the 1.00x reference."""
+    import bench
+    bench.main(['loader', '--batch-size', '4', '--rounds', '2', '--loader-batches', '1', '--shards', '1',
+                '--shard-samples', '8', '--image-size', '32', '--source-size', '96', '72', '--workers', '0',
+                '--out', str(tmp_path)])
+    rows = json.load(open(tmp_path / 'loader-32px-96x72.json'))['pipelines']
+    assert list(rows) == ['open_clip', 'ours, full decode', 'ours'] and rows['open_clip']['ratio_to_open_clip'] == 1
+    assert all(r['images_per_s_per_worker'] > 0 for r in rows.values())
+    assert (tmp_path / 'loader-32px-96x72.md').read_text().count('\n| ') == 4  # header + 3 rows
