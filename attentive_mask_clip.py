@@ -6,16 +6,21 @@ What this file implements
 - Attentive token removal: the EMA vision tower runs the whole zoom-out view; a patch's score is its CLS->patch
   attention averaged over all layers and heads, carried to each online view through the crop boxes (bilinear samples
   at the view's patch centres) and pooled into 2x2 patch blocks; the best blocks stay, K = 4 * ceil(L * (1 - r) / 4)
-  tokens with r = 0.5 (100 of 196 at ViT-B/16, the official 25 of 49 blocks). Grids come from image and patch size.
+  tokens with r = 0.5 (100 of 196 at ViT-B/16, the official 25 of 49 blocks), at least one block at any r < 1. Grids
+  come from image and patch size.
 - Loss (A) = 0.5 CLIP(v1, t) + 0.5 CLIP(v2, t) + 1.0 SimCLR(v1, v2) + 2.0 BYOL(v1, v2 -> EMA): CLIP is
   common.clip_loss; SimCLR is NT-Xent (tau 0.1, global batch) on a 3-layer BN MLP (4096 -> 256) of the pooled image
   token; BYOL is 2 - 2 cos(pred(proj(online)), proj_ema(EMA)), projector width -> 4096 -> 256, predictor 256 -> 4096
   -> 256. BatchNorm is SyncBatchNorm under DDP on CUDA (torch has none for CPU: gloo runs use per-rank statistics).
+  The forward runs under autocast (bf16 on CUDA); every loss term is computed in fp32 outside it.
 - The EMA (teacher) covers the vision tower and the BYOL projector; momentum cosine 0.996 -> 1.
-- The paper's optimiser: AdamW, betas (0.9, 0.98), wd 0.5, lr 5e-4 at batch 4096, warmup, cosine to 1e-5.
+- The paper's optimiser: AdamW, betas (0.9, 0.98), wd 0.5, lr 5e-4 at batch 4096, warmup, cosine to 1e-5. At other
+  global batches the default lr follows the linear rule, lr = 5e-4 x global batch / 4096 (default_lr).
 - The masking ablation (README table): --mask {attentive,random,none} x --views {1,2}. That table trains the CLIP
-  terms only (its attentive 2 x 50% row, 41.3, is below A-CLIP's 43.9): add --simclr-weight 0 --byol-weight 0.
-  `random` keeps random 2x2 blocks with the same K, so only the scores differ; one view drops the SimCLR term.
+  terms only (its attentive 2 x 50% row, 41.3, is below A-CLIP's 43.9): add --simclr-weight 0 --byol-weight 0; one
+  view drops the SimCLR term. `random` is the official code's random baseline, MAE's per-token masking (any
+  int(L * (1 - r)) patches, at least one: 32 of 64 at tiny, 98 of 196 at ViT-B/16 against attentive's 100).
+  `random-block` (not in the paper) puts random scores into the block selection: the blocks and K of attentive.
 
 Where this differs from the official code (microsoft/A-CLIP), and why
 - SimCLR contrasts view 1 with view 2, as the paper says; the official loss passes view 1 as both views.
@@ -32,7 +37,7 @@ Where this differs from the official code (microsoft/A-CLIP), and why
   the blocks), so the teacher costs one forward, as in the official code.
 
 Reconstructed, each a flag: the grids and K for models other than ViT-B/16 (block size 2, K above); the synthetic
-data's augmentation (--crop-scale, below); the lr at other batch sizes (--lr; the paper gives 5e-4 at 4096 only).
+data's augmentation (--crop-scale, below); the lr at global batches other than 4096 (the linear rule above; --lr).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model (8x8 grid, 32 of 64 tokens kept), 400 steps
 of 64 (each step ~1.3x a CLIP step: the EMA forward), heads 512 wide, lr 1e-3, EMA momentum 0.95 -> 1 (0.996 would
@@ -45,6 +50,7 @@ Launch
     python attentive_mask_clip.py                       # CPU, synthetic data, ~5 minutes, results in runs/attentive_mask_clip/
     python attentive_mask_clip.py --mask random --out runs/aclip_random      # the masking ablation
     python attentive_mask_clip.py --model ViT-B-16 --train-data /data/cc3m/train.csv --batch-size 256 --workers 8
+    # above: lr 5e-4 x 256 / 4096 = 3.1e-5; below, the paper's run: 8 x 512 = 4096 a step, lr 5e-4, 25 YFCC epochs
     torchrun --nproc_per_node=8 attentive_mask_clip.py --model ViT-B-16 --train-data '/data/yfcc15m/{00000..01499}.tar' \\
         --train-num-samples 15000000 --steps 91550 --imagenet-val /data/imagenet/val --batch-size 512 --workers 8
 """
@@ -77,10 +83,11 @@ def get_args(argv=None):
     common.add_common_args(p)
     p.set_defaults(wd=0.5, batch_size=64)  # the paper's weight decay; a CPU-sized batch (three views a sample)
     g = p.add_argument_group('A-CLIP')
-    g.add_argument('--mask', default='attentive', choices=['attentive', 'random', 'none'],
-                   help='which 2x2 patch blocks the online views keep')
+    g.add_argument('--mask', default='attentive', choices=['attentive', 'random', 'random-block', 'none'],
+                   help='which patches the online views keep: the best 2x2 blocks by EMA attention, random patches '
+                   "(MAE's per-token masking, the paper's baseline), random 2x2 blocks, or all")
     g.add_argument('--views', type=int, default=2, choices=[1, 2], help='online views per sample')
-    g.add_argument('--mask-ratio', type=float, default=0.5, help='fraction of patches removed')
+    g.add_argument('--mask-ratio', type=float, default=0.5, help='fraction of patches removed (at least one is kept)')
     g.add_argument('--clip-weight', type=float, default=1.0, help='CLIP weight, split evenly over the views')
     g.add_argument('--simclr-weight', type=float, default=1.0)
     g.add_argument('--byol-weight', type=float, default=2.0)
@@ -99,17 +106,28 @@ def get_args(argv=None):
         raise ValueError('loss weights must be >= 0 and --simclr-tau > 0')
     if args.ema_momentum is not None and not 0 <= args.ema_momentum <= 1:
         raise ValueError('--ema-momentum must be in [0, 1]')
-    if not 0 < (args.crop_scale or 1) <= 1 or min(args.head_hidden or 1, args.head_dim) < 1 or args.time_steps < 0:
-        raise ValueError('--crop-scale must be in (0, 1], --head-hidden/--head-dim positive, --time-steps >= 0')
-    args.head_hidden = args.head_hidden or (512 if args.model == 'tiny' else 4096)
+    if args.crop_scale is not None and not 0 < args.crop_scale <= 1:
+        raise ValueError('--crop-scale must be in (0, 1]')
+    if (args.head_hidden is not None and args.head_hidden < 1) or args.head_dim < 1:
+        raise ValueError('--head-hidden and --head-dim must be at least 1')
+    if args.time_steps < 0:
+        raise ValueError('--time-steps must be >= 0')
+    if args.lr is not None and args.lr <= 0:  # common.fill_run_defaults would replace 0 by the default
+        raise ValueError('--lr must be > 0')
+    args = common.check_args(args, 'attentive_mask_clip')
+    if args.head_hidden is None:
+        args.head_hidden = 512 if args.model == 'tiny' else 4096
     if args.ema_momentum is None:
         args.ema_momentum = 0.95 if args.model == 'tiny' else 0.996
-    return common.check_args(args, 'attentive_mask_clip')
+    if args.crop_scale is None:  # the synthetic captions name positions: mild crops keep an object in its cell
+        args.crop_scale = 0.8 if args.dataset_type == 'synthetic' else 0.5
+    return args
 
 
 def default_lr(args, global_batch):
-    """The paper's 5e-4 (at global batch 4096); 1e-3 for the tiny model on the synthetic data."""
-    return 1e-3 if args.model == 'tiny' else 5e-4
+    """The paper's 5e-4 at global batch 4096, scaled linearly: lr = 5e-4 x global batch / 4096 [recon: the paper gives
+    one batch]; 1e-3 for the tiny model on the synthetic data, at any batch."""
+    return 1e-3 if args.model == 'tiny' else 5e-4 * global_batch / 4096
 
 # ----------------------------------------------------------------------------- method: views
 
@@ -175,9 +193,19 @@ def map_scores(score, box, ema_box):
     return F.grid_sample(score[:, None].float(), grid, mode='bilinear', padding_mode='border', align_corners=False)[:, 0]
 
 
-def keep_count(num_patches, mask_ratio):
-    """K: whole 2x2 blocks covering at least (1 - r) of the patches."""
-    return min(num_patches, 4 * math.ceil(num_patches * (1 - mask_ratio) / 4 - 1e-9))
+def keep_count(num_patches, mask_ratio, blocks=True):
+    """K, at least one patch: whole 2x2 blocks covering at least (1 - r) of the patches (at least one block), or for
+    per-token masks (blocks=False, random_masking) int(L * (1 - r))."""
+    if not blocks:
+        return max(1, int(num_patches * (1 - mask_ratio)))
+    return min(num_patches, 4 * max(1, math.ceil(num_patches * (1 - mask_ratio) / 4 - 1e-9)))
+
+
+def random_masking(batch, num_patches, mask_ratio, generator):
+    """The paper's random baseline, MAE's per-sample uniform masking (the official code's only random path; as
+    flip.py). Returns ids_keep (B, K), K = max(1, int(L * (1 - r))), the kept patch indices in [0, L)."""
+    noise = torch.rand(batch, num_patches, device=generator.device, generator=generator)  # (B, L)
+    return noise.argsort(dim=1)[:, :max(1, int(num_patches * (1 - mask_ratio)))]  # (B, K)
 
 
 def block_mask(score, grid, mask_ratio):
@@ -277,35 +305,41 @@ def byol_loss(p, target):
 
 
 def losses(train_model, ema, views, boxes, texts, args, generator):
-    """One step's forward: the EMA pass on the zoom-out view (scores, BYOL targets; no gradient), the masks, one online
-    pass over the V views stacked, and eq. (A). views (B, 3, 3, S, S), boxes (B, 3, 4). -> (loss, terms, logit_scale)."""
+    """One step's forward (under the caller's autocast): the EMA pass on the zoom-out view (scores, BYOL targets; no
+    gradient), the masks, one online pass over the V views stacked; then eq. (A) in fp32, outside autocast.
+    views (B, 3, 3, S, S), boxes (B, 3, 4). -> (loss, terms, logit_scale)."""
     B, V = texts.shape[0], args.views
     visual = ema['visual']
     gh, gw = visual.grid_size
     with torch.no_grad():
-        score = target = None
+        ids_keep = target = None
         if args.mask == 'attentive':
             tokens, attn = cls_attention(visual, views[:, 2])  # (B, 1 + L, width), (B, layers, heads, 1 + L)
             score = attn[..., 1:].mean(dim=(1, 2)).view(B, gh, gw)  # CLS->patch, mean over layers and heads
             score = torch.cat([map_scores(score, boxes[:, v], boxes[:, 2]) for v in range(V)]).flatten(1)  # (V*B, L)
+            ids_keep = block_mask(score, (gh, gw), args.mask_ratio)  # (V*B, K)
         elif args.byol_weight > 0:
             tokens = visual.forward_tokens(views[:, 2])
-        if args.mask == 'random':
-            score = torch.rand(V * B, gh * gw, device=views.device, generator=generator)  # random blocks, same K
+        if args.mask == 'random':  # the paper's baseline: K = int(L * (1 - r)) patches, any patches
+            ids_keep = random_masking(V * B, gh * gw, args.mask_ratio, generator)  # (V*B, K)
+        elif args.mask == 'random-block':  # random scores into the block selection: blocks and K as attentive
+            score = torch.rand(V * B, gh * gw, device=views.device, generator=generator)
+            ids_keep = block_mask(score, (gh, gw), args.mask_ratio)  # (V*B, K)
         if 'byol_proj' in ema:
             target = ema['byol_proj'](visual.pool(tokens))  # (B, dim)
-        ids_keep = block_mask(score, (gh, gw), args.mask_ratio) if score is not None else None  # (V*B, K)
     online = views[:, :V].transpose(0, 1).flatten(0, 1)  # (V*B, 3, S, S), view-major
     image_features, text_features, logit_scale, z, p = train_model(online, texts, ids_keep)
-    image_features = image_features.view(V, B, -1)  # (V, B, D)
-    terms = {f'clip_{v + 1}': common.clip_loss(image_features[v], text_features, logit_scale) for v in range(V)}
-    loss = args.clip_weight / V * sum(terms.values())  # eq. (A): 0.5 CLIP(v1, t) + 0.5 CLIP(v2, t)
-    if z is not None:
-        terms['simclr'] = simclr_loss(*z.view(2, B, -1), args.simclr_tau)
-        loss = loss + args.simclr_weight * terms['simclr']  # eq. (A): + 1.0 SimCLR(v1, v2)
-    if p is not None:
-        terms['byol'] = byol_loss(p, target)
-        loss = loss + args.byol_weight * terms['byol']  # eq. (A): + 2.0 BYOL(v -> EMA)
+    with torch.autocast(views.device.type, enabled=False):  # the losses in fp32: bf16 logits are +-0.25 at scale 100
+        image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
+        image_features = image_features.view(V, B, -1)  # (V, B, D)
+        terms = {f'clip_{v + 1}': common.clip_loss(image_features[v], text_features, logit_scale) for v in range(V)}
+        loss = args.clip_weight / V * sum(terms.values())  # eq. (A): 0.5 CLIP(v1, t) + 0.5 CLIP(v2, t)
+        if z is not None:
+            terms['simclr'] = simclr_loss(*z.float().view(2, B, -1), args.simclr_tau)
+            loss = loss + args.simclr_weight * terms['simclr']  # eq. (A): + 1.0 SimCLR(v1, v2)
+        if p is not None:
+            terms['byol'] = byol_loss(p.float(), target.float())
+            loss = loss + args.byol_weight * terms['byol']  # eq. (A): + 2.0 BYOL(v -> EMA)
     return loss, terms, logit_scale
 
 # ----------------------------------------------------------------------------- data
@@ -315,13 +349,13 @@ def transforms(args, cfg):
     """(train, eval): train gives ThreeViews' (views, boxes) per sample, eval open_clip's preprocessing."""
     size = cfg['vision_cfg']['image_size']
     evaluate = open_clip.image_transform(size, is_train=False)
-    if data.resolve_dataset_type(args.train_data, args.dataset_type) == 'synthetic':
+    if args.dataset_type == 'synthetic':
         colour = T.RandomApply([T.ColorJitter(0.2, 0.2)], p=0.8)  # captions name colours: brightness/contrast only
-        return ThreeViews(size, (args.crop_scale or 0.8, 1.0), (0.9, 1.1), colour), evaluate
+        return ThreeViews(size, (args.crop_scale, 1.0), (0.9, 1.1), colour), evaluate
     colour = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2),
                         T.RandomApply([T.GaussianBlur(2 * (size // 20) + 1, (0.1, 2.0))], p=0.1),
                         T.RandomSolarize(128, p=0.2)])
-    return ThreeViews(size, (args.crop_scale or 0.5, 1.0), (3 / 4, 4 / 3), colour), evaluate
+    return ThreeViews(size, (args.crop_scale, 1.0), (3 / 4, 4 / 3), colour), evaluate
 
 # ----------------------------------------------------------------------------- cost: a step against a CLIP step
 
@@ -414,7 +448,7 @@ def main(argv=None):
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)
     stop = common.StopSignal()
-    kept = num_patches if args.mask == 'none' else keep_count(num_patches, args.mask_ratio)
+    kept = num_patches if args.mask == 'none' else keep_count(num_patches, args.mask_ratio, args.mask != 'random')
     common.print0(f'A-CLIP: {args.model}, {args.mask} mask keeping {kept} of {num_patches} patches, {args.views} '
                   f'view(s), {args.steps} steps of {global_batch} ({world} process{"es" if world > 1 else ""}, '
                   f'{device.type}), out {args.out}')
