@@ -18,24 +18,34 @@ What this file implements, from the paper ([abstract]: its abstract; [3rd]: thir
 
 Reconstructed (not recoverable from public material), each a flag
 - --clip-view full: the CLIP term sees the full image and the distillation a second, masked student pass; 'masked'
-  takes the CLIP embedding from the masked pass instead (FLIP-style): one full image pass less per step.
+  takes the CLIP embedding from the masked pass instead (FLIP-style): one full image pass less per step (refused with
+  --lambda-img 0, which has no masked pass).
 - --mask-ratio 0.75 --mask-type random: the student drops the masked patches (MAE/FLIP token removal, so its pass
-  costs a quarter of a full one); 'block' masks BEiT-style random rectangles instead.
+  costs a quarter of a full one); 'block' masks BEiT-style random rectangles instead. It keeps K = int(L x (1 - r))
+  patches, at least one (OpenCLIP's PatchDropout), and masks at least one.
 - --decoder-depth 1: the image decoder is MAE's (a linear map to half the encoder width, a learned [MASK] token at each
   dropped position, its own position embedding, blocks, LayerNorm, a linear map back to the encoder width); the
   text decoder is blocks and a LayerNorm at the text width.
 - --target ce: iBOT's online tokenizer. A head (MLP -> L2-normalised 256-d bottleneck -> cosine to --prototypes
   learned prototypes) maps the student's predictions and, as its EMA, the teacher's patch tokens to logits; target
-  softmax((t - centre) / --teacher-temp 0.04), prediction log_softmax(s / --student-temp 0.1), cross-entropy per
-  masked patch. The centre is an EMA (momentum 0.9) of the teacher logits' batch mean, all-reduced across ranks and
-  checkpointed. --target mse: squared distance of the L2-normalised prediction and teacher patch token.
-- --ema-momentum 0.996, cosine to 1 (BYOL/DINO): the teacher is the EMA of the image tower and the tokenizer head and
-  gets no gradients; evaluation and export use the student.
-- --text-mask-ratio 0.15 (BERT): per caption, round(0.15 x its word tokens), at least one, become [MASK]; start and
-  end of text and padding never do; no 80/10/10 split. [MASK] is the existing id 49405 ('jekyll</w>', the last, rarest
-  BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never moves. The decoder's outputs at the
-  masked positions are scored against the token embedding matrix (tied: no new 49408-way layer; only masked rows are
-  scored).
+  softmax((t - centre) / tau_t), prediction log_softmax(s / --student-temp 0.1), cross-entropy per masked patch. tau_t
+  is iBOT's patch temperature (main_ibot.py's defaults): linear from --warmup-teacher-temp 0.04 at step 0 to
+  --teacher-temp 0.07 at --warmup-teacher-temp-steps, constant after; that default is 30% of --steps, iBOT's 30
+  warm-up epochs of its default 100 (0: --teacher-temp throughout). The cosines are made in fp32 outside autocast: a
+  bf16 cosine is off by up to 2^-9 (~0.002), 0.05 in the exponent after / 0.04. The centre is an EMA (momentum 0.9)
+  of the teacher logits' batch mean, all-reduced across ranks and checkpointed. --target mse: squared distance of the
+  L2-normalised prediction and teacher patch token.
+- --ema-momentum 0.996, cosine to 1 (BYOL/DINO, iBOT): the teacher is the EMA of the image tower and the tokenizer
+  head and gets no gradients; evaluation and export use the student.
+- --text-mask-ratio 0.15 (BERT): per caption, n = round(0.15 x its word tokens), at least one, become [MASK]; no
+  80/10/10 split. Word tokens are those after start of text and before end of text; padding is told by position (after
+  end of text), not by id, as its id 0 is also a word piece ('!' in '!$'). [MASK] is the existing id 49405
+  ('jekyll</w>', the last, rarest BPE merge): below end-of-text (49407), so `encode_text`'s argmax pooling never
+  moves. The decoder's outputs at the masked positions are scored against the token embedding matrix (tied: no new
+  49408-way layer). Static shapes, no host sync: each caption scores N = round(0.15 x (context length - 2))
+  positions, the most it can have masked (4 at tiny's 32, 11 at 77), those past its n weighted 0; the loss is the
+  mean over every rank's masked tokens (the count all-reduced), so 2 processes give 1 process's loss on the same
+  global batch.
 - --mlm-pass shared: the summaries do not say whether MLM has a text-tower pass of its own. The BERT-like
   reconstruction gives it one ('bidirectional', this file's first default); the default gives it none: the CLIP text
   pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked caption, as with
@@ -51,7 +61,10 @@ Reconstructed (not recoverable from public material), each a flag
 - The learning rate, 5e-4 x global batch / 4096: a guess (SLIP's YFCC-15M rate; the paper compares against SLIP).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 200 steps of 128 (about
-0.8 s each: 3 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip on the synthetic data.
+0.8 s each: 3 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip on the synthetic data, and
+EMA momentum 0.95 -> 1 (as attentive_mask_clip.py's tiny default). After T steps the teacher is still prod_t m_t of its
+random initialisation, about exp(-(1 - m_0) T / 2) on the cosine schedule: 0.996 would leave 67% after 200 steps (45%
+after bench.py's 400), 0.95 leaves 0.6% (0.004%). At the paper's 91,552 steps 0.996 leaves nothing.
 
 Cost against a CLIP step on the same batch (the paper's only figure, via A-CLIP's table: 1.56x on ViT-B/16). The
 default adds a quarter-length student pass, a forward-only teacher pass, the decoders, the prototype head and the
@@ -63,7 +76,9 @@ cores, fp32, freed memory kept for reuse, time x CLIP (FLOPs x CLIP):
     tiny, batch 64:      default 1.78x (1.84x)   --mlm-pass bidirectional 1.99x (2.10x)   --clip-view masked 1.15x (1.10x)
 At ViT-B/16 the default's FLOP ratio equals the published time ratio, 1.56x; its time here is 1.58x (a 3-round
 median). The tiny model's ratio is higher because its one-block decoders and 49,408-way vocabulary scores are large
-beside a 3-layer text tower. Not measured on a GPU.
+beside a 3-layer text tower. Not measured on a GPU. These times predate the static-shape MLM, which scores N rows per
+caption instead of its n masked ones; FLOPs x CLIP since (bench.count_flops on the same steps, not timed): ViT-B/16
+default 1.57x, bidirectional 1.72x, masked view 0.72x; ViT-S/16 1.57x, 1.83x, 0.83x; tiny 2.00x, 2.26x, 1.26x.
 Every finished run times both steps on its last batch and logs and prints the ratio (--time-steps).
 
 Launch
@@ -96,7 +111,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 import common
 import data
 
-SOT, EOT, PAD = 49406, 49407, 0  # open_clip's SimpleTokenizer: start/end of text, padding
+SOT, EOT = 49406, 49407  # open_clip's SimpleTokenizer: start/end of text (padding after EOT is 0, also a word piece)
 MASK_ID = 49405  # [MASK]: an existing, rarely used token (the last BPE merge), below EOT
 
 # ----------------------------------------------------------------------------- args
@@ -115,9 +130,13 @@ def get_args(argv=None):
                    'regression of L2-normalised teacher features')
     g.add_argument('--prototypes', type=int, default=None, help='online tokenizer size (default: 8192 as iBOT, '
                    '256 for the tiny model)')
-    g.add_argument('--teacher-temp', type=float, default=0.04)
+    g.add_argument('--teacher-temp', type=float, default=0.07, help='teacher temperature after the warm-up')
+    g.add_argument('--warmup-teacher-temp', type=float, default=0.04, help='teacher temperature at step 0')
+    g.add_argument('--warmup-teacher-temp-steps', type=int, default=None, help='steps of the linear warm-up of the '
+                   'teacher temperature (default: 30%% of --steps; 0: --teacher-temp throughout)')
     g.add_argument('--student-temp', type=float, default=0.1)
-    g.add_argument('--ema-momentum', type=float, default=0.996, help='teacher momentum at step 0, cosine to 1')
+    g.add_argument('--ema-momentum', type=float, default=None, help='teacher momentum at step 0, cosine to 1 '
+                   '(default: 0.996; 0.95 for tiny)')
     g.add_argument('--text-mask-ratio', type=float, default=0.15, help='fraction of caption tokens masked for MLM')
     g.add_argument('--time-steps', type=int, default=5, help='steps timed against a CLIP step at the end (0: skip)')
     g.add_argument('--clip-view', default='full', choices=['full', 'masked'], help='image of the CLIP term: the full '
@@ -127,15 +146,25 @@ def get_args(argv=None):
                    'MLM: the CLIP pass itself (causal) reading the masked caption, the bidirectional decoder supplying '
                    'the right context, or a second, bidirectional pass over the masked caption (costlier)')
     args = p.parse_args(argv)
-    args.prototypes = args.prototypes or (256 if args.model == 'tiny' else 8192)
     if args.lambda_img < 0 or args.lambda_txt < 0:
         raise ValueError('--lambda-img and --lambda-txt must be >= 0')
     if not 0 < args.mask_ratio < 1 or not 0 < args.text_mask_ratio <= 1:
         raise ValueError('--mask-ratio must be in (0, 1) and --text-mask-ratio in (0, 1]')
-    if args.decoder_depth < 1 or args.prototypes < 1 or args.teacher_temp <= 0 or args.student_temp <= 0:
-        raise ValueError('--decoder-depth, --prototypes, --teacher-temp and --student-temp must be positive')
-    if not 0 <= args.ema_momentum <= 1 or args.time_steps < 0:
-        raise ValueError('--ema-momentum must be in [0, 1] and --time-steps >= 0')
+    if args.decoder_depth < 1 or (args.prototypes is not None and args.prototypes < 1):
+        raise ValueError('--decoder-depth and --prototypes must be at least 1')
+    if min(args.teacher_temp, args.warmup_teacher_temp, args.student_temp) <= 0:
+        raise ValueError('--teacher-temp, --warmup-teacher-temp and --student-temp must be positive')
+    if (args.warmup_teacher_temp_steps or 0) < 0 or args.time_steps < 0:
+        raise ValueError('--warmup-teacher-temp-steps and --time-steps must be >= 0')
+    if args.ema_momentum is not None and not 0 <= args.ema_momentum <= 1:
+        raise ValueError('--ema-momentum must be in [0, 1]')
+    if args.clip_view == 'masked' and args.lambda_img == 0:
+        raise ValueError('--clip-view masked takes the CLIP embedding from the masked pass, which --lambda-img 0 '
+                         'does not make: use --clip-view full')
+    if args.prototypes is None:
+        args.prototypes = 256 if args.model == 'tiny' else 8192
+    if args.ema_momentum is None:
+        args.ema_momentum = 0.95 if args.model == 'tiny' else 0.996
     return common.check_args(args, 'maskclip')
 
 
@@ -148,13 +177,14 @@ def default_lr(args, global_batch):
 
 def patch_masking(batch, grid, mask_ratio, generator, block=False, blocks=4):
     """Returns ids_keep (B, K) and ids_mask (B, M): per sample a partition of the L = H * W patch indices, with
-    K = int(L * (1 - r)) kept (what the student encodes) and M = L - K masked (what the decoder predicts).
+    K = int(L * (1 - r)) kept (what the student encodes), at least 1 (OpenCLIP's PatchDropout) and at most L - 1, and
+    M = L - K masked (what the decoder predicts).
     random: MAE's uniform masking, keep the K smallest of uniform noise (flip.random_masking's ids_keep).
     block: BEiT-style, vectorised: `blocks` random rectangles per sample (area M / blocks x U(0.5, 1.5), aspect ratio
     log-uniform in [0.3, 1/0.3]); covered patches are masked first and the noise makes the count exactly M."""
     H, W = grid
     L, dev = H * W, generator.device
-    K = int(L * (1 - mask_ratio))
+    K = min(max(1, int(L * (1 - mask_ratio))), L - 1)
     score = torch.rand(batch, L, device=dev, generator=generator)  # (B, L), in [0, 1)
     if block:
         u = torch.rand(4, batch, blocks, 1, 1, device=dev, generator=generator)
@@ -170,14 +200,21 @@ def patch_masking(batch, grid, mask_ratio, generator, block=False, blocks=4):
 
 
 def text_masking(texts, mask_ratio, generator):
-    """BERT-style masking for MLM. texts (B, T) ids -> masked texts (B, T), is_masked (B, T) bool. Per caption,
-    max(1, round(r * n)) of its n word tokens become MASK_ID, chosen by noise; SOT, EOT and padding never do."""
-    words = (texts != SOT) & (texts != EOT) & (texts != PAD)  # (B, T)
+    """BERT-style masking for MLM. texts (B, T) ids -> masked texts (B, T), ids_mask (B, N), valid (B, N) bool.
+    A caption's word tokens are those after SOT and before its EOT (the largest id: argmax); padding follows EOT and
+    is told by position, as its id 0 is also '!' (as in '!$'). Per caption, n = max(1, round(r * words)) of them, the
+    lowest of uniform noise, become MASK_ID; ids_mask[b, :n] are their positions (valid) and the rest of the row other
+    positions (not valid). N = max(1, round(r * (T - 2))) is the most any caption can have: the shapes are static."""
+    B, T = texts.shape
+    eot = texts.argmax(dim=1, keepdim=True)  # (B, 1)
+    words = (texts != SOT) & (torch.arange(T, device=texts.device) < eot)  # (B, T)
     noise = torch.rand(texts.shape, device=generator.device, generator=generator).masked_fill(~words, 2.0)
-    n = (words.sum(dim=1, keepdim=True) * mask_ratio).round().clamp(min=1)  # (B, 1)
-    order = noise.argsort(dim=1).argsort(dim=1)  # (B, T): each token's rank in its caption's noise
-    is_masked = (order < n) & words
-    return texts.masked_fill(is_masked, MASK_ID), is_masked
+    N = max(1, int((torch.tensor(T - 2) * mask_ratio).round()))  # the arithmetic of n below, at T - 2 words
+    n = (words.sum(dim=1, keepdim=True) * mask_ratio).round().clamp(1, N)  # (B, 1)
+    ids_mask = noise.argsort(dim=1)[:, :N]  # (B, N): the words first, in noise order
+    valid = (torch.arange(N, device=texts.device) < n) & words.gather(1, ids_mask)  # (B, N)
+    masked = texts.scatter(1, ids_mask, torch.where(valid, MASK_ID, texts.gather(1, ids_mask)))
+    return masked, ids_mask, valid
 
 # ----------------------------------------------------------------------------- method: model and heads
 
@@ -209,7 +246,8 @@ class ImageDecoder(nn.Module):
 
 
 class PrototypeHead(nn.Module):
-    """The online tokenizer (iBOT's head, smaller MLP): (..., width) -> cosine logits to K prototypes (..., K)."""
+    """The online tokenizer (iBOT's head, smaller MLP): (..., width) -> cosine logits to K prototypes (..., K), fp32.
+    The MLP runs under the caller's autocast; the cosines are made in fp32, as the teacher divides them by 0.04."""
 
     def __init__(self, width, prototypes, bottleneck=256):
         super().__init__()
@@ -217,7 +255,9 @@ class PrototypeHead(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(prototypes, bottleneck))
 
     def forward(self, x):
-        return F.normalize(self.mlp(x), dim=-1) @ F.normalize(self.prototypes, dim=-1).T  # in [-1, 1]
+        z = self.mlp(x)  # (..., bottleneck)
+        with torch.autocast(z.device.type, enabled=False):
+            return F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # in [-1, 1]
 
 
 class TextDecoder(nn.Module):
@@ -288,6 +328,17 @@ def ema_momentum(step, total, base):
     return 1 - (1 - base) * (math.cos(math.pi * step / total) + 1) / 2
 
 
+def teacher_temp(step, warmup, start, final):
+    """iBOT's teacher temperature: linear from `start` at step 0 to `final` at step `warmup`, then `final`."""
+    return final if step >= warmup else start + (final - start) * step / warmup
+
+
+def teacher_temp_warmup(args):
+    """--warmup-teacher-temp-steps, default 30% of --steps (iBOT: 30 warm-up epochs of its default 100)."""
+    w = args.warmup_teacher_temp_steps
+    return round(0.3 * args.steps) if w is None else w
+
+
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher <- m * teacher + (1 - m) * student, parameter by parameter (same structure, same order)."""
@@ -296,13 +347,13 @@ def ema_update(teacher, student, momentum):
 # ----------------------------------------------------------------------------- method: loss
 
 
-def distill_loss(pred, target, center, args):
+def distill_loss(pred, target, center, tau_t, args):
     """Masked self-distillation, averaged over the B * M masked patches. ce: H(softmax((t - c) / tau_t),
     softmax(s / tau_s)) (iBOT's patch loss); mse: |s/|s| - t/|t||^2 = 2 - 2 cos."""
     pred, target = pred.float(), target.float()
     if args.target == 'mse':
         return (F.normalize(pred, dim=-1) - F.normalize(target, dim=-1)).pow(2).sum(-1).mean()
-    p_teacher = F.softmax((target - center) / args.teacher_temp, dim=-1)  # (B, M, K)
+    p_teacher = F.softmax((target - center) / tau_t, dim=-1)  # (B, M, K)
     return -(p_teacher * F.log_softmax(pred / args.student_temp, dim=-1)).sum(-1).mean()
 
 
@@ -316,30 +367,38 @@ def update_center(center, target, momentum=0.9):
     center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
 
 
-def mlm_loss(hidden, texts, is_masked, token_embedding):
-    """Cross-entropy over the vocabulary at the masked caption tokens; logits = hidden @ token_embedding.T (tied)."""
-    logits = hidden[is_masked].float() @ token_embedding.float().T  # (N masked, vocab)
-    return F.cross_entropy(logits, texts[is_masked])
+def mlm_loss(hidden, texts, ids_mask, valid, token_embedding):
+    """Cross-entropy over the vocabulary at the masked caption tokens, logits = hidden @ token_embedding.T (tied); the
+    mean over the valid (B, N) positions of every rank, so that the DDP mean of the ranks' losses is the global one."""
+    h = torch.gather(hidden, 1, ids_mask.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).float()  # (B, N, width)
+    logits = h @ token_embedding.float().T  # (B, N, vocab)
+    ce = F.cross_entropy(logits.flatten(0, 1), texts.gather(1, ids_mask).flatten(), reduction='none')  # (B * N,)
+    w = valid.flatten().float()
+    count = w.sum()
+    if common.world_size() > 1:
+        dist.all_reduce(count)  # the masked tokens of the global batch
+    return (ce * w).sum() / (count.clamp(min=1) / common.world_size())
 
 
-def losses(model, train_model, teacher, center, images, texts, args, generator):
-    """One step's masks, forward passes (under the caller's autocast) and loss terms (in fp32). Returns the loss
-    L_clip + lambda_img L_distill + lambda_txt L_mlm, the terms by name, the logit scale and the teacher's targets."""
-    ids_keep = ids_mask = masked_texts = is_masked = target = None
+def losses(model, train_model, teacher, center, images, texts, args, generator, tau_t=None):
+    """One step's masks, forward passes (under the caller's autocast) and loss terms (in fp32), at teacher temperature
+    tau_t (default: --teacher-temp). Returns the loss L_clip + lambda_img L_distill + lambda_txt L_mlm, the terms by
+    name, the logit scale and the teacher's targets."""
+    ids_keep = ids_mask = masked_texts = text_ids = valid = target = None
     if teacher is not None:
         grid = teacher['visual'].grid_size
         ids_keep, ids_mask = patch_masking(len(images), grid, args.mask_ratio, generator, args.mask_type == 'block')
         target = teacher_targets(teacher, images, ids_mask)
     if args.lambda_txt > 0:
-        masked_texts, is_masked = text_masking(texts, args.text_mask_ratio, generator)
+        masked_texts, text_ids, valid = text_masking(texts, args.text_mask_ratio, generator)
     image_features, text_features, logit_scale, pred, hidden = train_model(images, texts, ids_keep, ids_mask,
                                                                            masked_texts)
     with torch.autocast(images.device.type, enabled=False):
         terms = {'clip_loss': common.clip_loss(image_features, text_features, logit_scale)}
         if pred is not None:
-            terms['distill_loss'] = distill_loss(pred, target, center, args)
+            terms['distill_loss'] = distill_loss(pred, target, center, tau_t or args.teacher_temp, args)
         if hidden is not None:
-            terms['mlm_loss'] = mlm_loss(hidden, texts, is_masked, model.clip.token_embedding.weight)
+            terms['mlm_loss'] = mlm_loss(hidden, texts, text_ids, valid, model.clip.token_embedding.weight)
     weights = {'clip_loss': 1.0, 'distill_loss': args.lambda_img, 'mlm_loss': args.lambda_txt}
     return sum(weights[k] * v for k, v in terms.items()), terms, logit_scale, target
 
@@ -410,9 +469,6 @@ def main(argv=None):
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokenizer = common.tokenizer_for(cfg)
-    num_patches = model.clip.visual.num_patches
-    if args.lambda_img > 0 and int(num_patches * (1 - args.mask_ratio)) < 1:
-        common.fail(f'--mask-ratio {args.mask_ratio} keeps none of the {num_patches} patches')
 
     # resume
     state = None
@@ -435,6 +491,7 @@ def main(argv=None):
     except data.DataError as err:
         common.fail(err)
     global_batch = common.finish_run_args(args, num_samples, world, 200, default_lr)
+    tau_warmup = teacher_temp_warmup(args)
 
     # optimizer (flip.py's, so that lambda = 0 is its CLIP step exactly)
     optimizer = torch.optim.AdamW(common.param_groups(model, args.wd), lr=args.lr, betas=(0.9, 0.95))
@@ -463,8 +520,10 @@ def main(argv=None):
             group['lr'] = lr
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         generator = common.step_generator(device, args.seed, rank, step)  # masks: a pure function of the step
+        tau_t = teacher_temp(step, tau_warmup, args.warmup_teacher_temp, args.teacher_temp)
         with amp:
-            loss, terms, logit_scale, target = losses(model, train_model, teacher, center, images, texts, args, generator)
+            loss, terms, logit_scale, target = losses(model, train_model, teacher, center, images, texts, args,
+                                                      generator, tau_t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
@@ -491,6 +550,7 @@ def main(argv=None):
                       'logit_scale': logit_scale.item(), 'samples_per_sec': meter.rate(), 'skipped': skipped}
             if teacher is not None:
                 record['momentum'] = momentum
+                record['teacher_temp'] = tau_t
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
         if args.eval_every and step % args.eval_every == 0 and step < args.steps and rank == 0:
