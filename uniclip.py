@@ -15,25 +15,39 @@ What this file implements
   common.clip_loss), so N processes compute exactly what one process computes on the global batch.
 
 What is reconstructed, and the flag that changes it
-- --similarity domain: s_ij = (cos(z_i, z_j) - b_d) / tau_d, a learnable temperature and offset per domain pair
-  d in (image-image, image-text, text-text) (Eq. 2); the offsets do not cancel because one softmax mixes pairs.
-  --tau-init 0.1 0.07 0.07, offsets start at 0, tau clamped to [0.01, 1] (CLIP's logit-scale clamp).
-- --aug-embed add: the view's augmentation parameters (normalised crop box, flip, colour-jitter factors - 1,
-  grayscale, blur sigma; AUG_PARAMS) -> 2-layer MLP (--aug-hidden, last layer zero-initialised, so training starts
-  as plain CLIP) -> added to the pooled image feature before the projection; 'concat' concatenates it instead,
-  with its own projection rows. Evaluation feeds the identity parameters (the full, unaugmented image); the result
-  is a constant that export folds into ln_post's bias, so open_clip/ is a plain CLIP image tower (see fold_export).
-- --num-views 2 augmented views + the caption per sample.
-- --views: 'paper' is SimCLR/SLIP's recipe (crop area 0.08-1, flip, colour jitter 0.4/0.4/0.4/0.1 at p 0.8,
-  grayscale p 0.2, blur p 0.5), used on real data. The synthetic captions name positions and colours, so the
-  synthetic default 'mild' keeps both: crop area 0.8-1 (objects stay in their third), brightness/contrast/saturation
-  0.2, no hue, no grayscale, no flip, light blur. Colour jitter is applied in a fixed order.
+- Domain-dependent similarity (Eq. 2): s_ij = (cos(z_i, z_j) - b_d) / tau_d for the domain pair d of i and j, a
+  learnable temperature per pair (--tau domain) and a learnable offset (--offset domain); the offsets matter because
+  one softmax mixes pairs. --tau-init 0.1 0.07 (image-image, image-text), tau clamped to [0.01, 1] (CLIP's
+  logit-scale clamp). Only the offsets' difference is identified (a shift common to a whole softmax row cancels), so
+  b_image-text is fixed at 0 and b_image-image is learned, from 0: two free offsets have a direction in which the loss
+  is flat, and Adam's per-coordinate steps drift along it. The three parts switch off one at a time: --tau shared
+  (one learnable temperature; the pairs keep the ratio of their --tau-init values), --offset none, --tau-init 0.07
+  0.07 (image-image starts where image-text does); all three together are the "one temperature, no offset" ablation.
+- Text-text pairs (--text-text tied): MP-NCE's negatives are everything from other samples, in both domains, so
+  other captions are negatives of a caption anchor. With one caption per sample text-text pairs are only ever
+  negatives, so a text-text temperature or offset of their own has no stable value: the loss falls for ever as
+  b_text-text grows, which switches those negatives off (what this file's first version did: b_text-text climbed
+  every step). Here they are scored with the image-text temperature and offset and have no parameters of their own.
+  --text-text none leaves them out of every softmax (a caption anchor then sees image negatives only).
+- --aug-embed add: the view's augmentation parameters (crop box, flip, colour-jitter factors - 1, grayscale, blur
+  sigma; AUG_PARAMS) -> 2-layer MLP (--aug-hidden, last layer zero-initialised, so training starts as plain CLIP)
+  -> added to the pooled image feature before the projection; 'concat' concatenates it instead, with its own
+  projection rows. The crop box is in units of the image's centre square (side min(W, H), origin at its top-left
+  corner), so the evaluation view -- resize the short side, centre crop -- is the box (0, 0, 1, 1) for every aspect
+  ratio. Evaluation feeds IDENTITY, that view unaugmented; the result is a constant that export folds into ln_post's
+  bias, so open_clip/ is a plain CLIP image tower (see fold_export).
+- --views 2 augmented views + the caption per sample.
+- --augment: 'slip' is SimCLR/SLIP's recipe (crop area 0.08-1, flip, colour jitter 0.4/0.4/0.4/0.1 at p 0.8,
+  grayscale p 0.2, blur p 0.5), used on real data; the paper's own recipe is not reconstructed. The synthetic
+  captions name positions and colours, so the synthetic default 'mild' keeps both: crop area 0.8-1 (objects stay in
+  their third), brightness/contrast/saturation 0.2, no hue, no grayscale, no flip, light blur. Colour jitter is
+  applied in a fixed order.
 - --loss infonce is the ablation without MP-NCE: multi-positive InfoNCE (SupCon's L_out), where all positives of
   an anchor share one denominator, so they compete with each other.
-- The ablation switches: --aug-embed none, --loss infonce, --similarity shared (one learnable temperature, no
-  offsets). The optimiser is flip.py's (AdamW, betas (0.9, 0.95), wd 0.2, warmup + cosine) so that comparisons
-  with the CLIP baseline isolate the method; the paper's own schedule is not known.
-- Export: logit_scale = 1 / tau_image-text (the image-text offset shifts every candidate equally: no effect).
+- The ablation switches: --aug-embed none, --loss infonce, and the three similarity switches above. The optimiser
+  is flip.py's (AdamW, betas (0.9, 0.95), wd 0.2, warmup + cosine) so that comparisons with the CLIP baseline
+  isolate the method; the paper's own schedule is not known.
+- Export: logit_scale = 1 / tau_image-text (the image-text offset is 0).
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model, 400 steps of 96, lr 1e-3. A step costs
 1.74x the FLOPs of a CLIP step on the same batch (two image views); the run costs what flip.py's default does
@@ -77,19 +91,23 @@ def get_args(argv=None):
     g = p.add_argument_group('UniCLIP')
     g.add_argument('--loss', default='mpnce', choices=['mpnce', 'infonce'], help='infonce: positives share one '
                    'denominator (ablation of MP-NCE)')
-    g.add_argument('--similarity', default='domain', choices=['domain', 'shared'], help='temperature and offset per '
-                   'domain pair, or one temperature and no offset (ablation)')
-    g.add_argument('--tau-init', type=float, nargs=3, default=[0.1, 0.07, 0.07], metavar=('II', 'IT', 'TT'),
-                   help='initial temperatures for image-image, image-text, text-text (shared: IT)')
+    g.add_argument('--tau', default='domain', choices=['domain', 'shared'], help='a learnable temperature per domain '
+                   'pair, or one learnable temperature, the pairs keeping their --tau-init ratio (ablation)')
+    g.add_argument('--offset', default='domain', choices=['domain', 'none'], help='learnable image-image offset '
+                   '(image-text: 0), or no offsets (ablation)')
+    g.add_argument('--tau-init', type=float, nargs=2, default=[0.1, 0.07], metavar=('II', 'IT'),
+                   help='initial temperatures for image-image and image-text pairs')
+    g.add_argument('--text-text', default='tied', choices=['tied', 'none'], help='text-text pairs (only negatives '
+                   'with one caption): negatives at the image-text temperature and offset, or in no softmax')
     g.add_argument('--aug-embed', default='add', choices=['add', 'concat', 'none'], help='how the augmentation MLP '
                    'joins the image feature before the projection (none: ablation)')
     g.add_argument('--aug-hidden', type=int, default=256, help='hidden width of the augmentation MLP')
-    g.add_argument('--num-views', type=int, default=2, help='augmented image views per sample')
-    g.add_argument('--views', default='auto', choices=['auto', 'mild', 'paper'], help='augmentation recipe; '
-                   'auto: mild on the synthetic data, paper otherwise')
+    g.add_argument('--views', type=int, default=2, help='augmented image views per sample')
+    g.add_argument('--augment', default='auto', choices=['auto', 'mild', 'slip'], help="augmentation recipe: SLIP's "
+                   '(SimCLR) or a mild one that keeps positions and colours; auto: mild on the synthetic data, else slip')
     args = p.parse_args(argv)
-    if args.num_views < 1 or args.aug_hidden < 1:
-        raise ValueError('--num-views and --aug-hidden must be >= 1')
+    if args.views < 1 or args.aug_hidden < 1:
+        raise ValueError('--views and --aug-hidden must be >= 1')
     if not all(0 < t <= 1 for t in args.tau_init):
         raise ValueError('--tau-init values must be in (0, 1]')
     if args.batch_size < 2:
@@ -105,12 +123,21 @@ def default_lr(args, global_batch):
 # ----------------------------------------------------------------------------- method: augmentation
 
 AUG_PARAMS = ['crop_x0', 'crop_y0', 'crop_w', 'crop_h', 'flip', 'brightness', 'contrast', 'saturation', 'hue',
-              'grayscale', 'blur_sigma']  # jitter factors stored as factor - 1, so the identity is 0 there
-IDENTITY = [0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0.]  # the full image, unaugmented: what evaluation feeds
+              'grayscale', 'blur_sigma']  # crop in units of the centre square (crop_box); jitter as factor - 1
+IDENTITY = [0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0.]  # the centre square, unaugmented: the evaluation view
 RECIPES = {  # crop area, flip prob, jitter (brightness, contrast, saturation, hue) and prob, grayscale prob, blur
-    'paper': dict(scale=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, gray=0.2, blur=0.5, sigma=(0.1, 2.0)),
+    'slip': dict(scale=(0.08, 1.0), flip=0.5, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, gray=0.2, blur=0.5, sigma=(0.1, 2.0)),
     'mild': dict(scale=(0.8, 1.0), flip=0.0, jitter=(0.2, 0.2, 0.2, 0.0), p_jitter=0.8, gray=0.0, blur=0.5, sigma=(0.1, 1.0)),
 }
+
+
+def crop_box(i, j, h, w, W, H):
+    """A crop (top i, left j, height h, width w, in pixels) of a W x H image -> (x0, y0, w, h) in units of the image's
+    centre square s = min(W, H), origin at that square's top-left corner. The evaluation transform (resize the short
+    side, centre crop) sees exactly that square, (0, 0, 1, 1) = IDENTITY's box, whatever the aspect ratio; a training
+    crop can reach outside it on a non-square image (x0 < 0 or w > 1)."""
+    s = min(W, H)
+    return [(j - (W - s) / 2) / s, (i - (H - s) / 2) / s, w / s, h / s]
 
 
 class Views:
@@ -142,7 +169,7 @@ class Views:
         if torch.rand(()) < r['blur']:
             sigma = r['sigma'][0] + (r['sigma'][1] - r['sigma'][0]) * torch.rand(()).item()
             x = x.filter(ImageFilter.GaussianBlur(radius=sigma))  # MoCo v2 / SLIP's blur (PIL, fast)
-        params = [j / W, i / H, w / W, h / H, flip, b - 1, c - 1, s - 1, hue, gray, sigma]  # AUG_PARAMS order
+        params = crop_box(i, j, h, w, W, H) + [flip, b - 1, c - 1, s - 1, hue, gray, sigma]  # AUG_PARAMS order
         return self.normalize(TF.to_tensor(x)), torch.tensor(params)
 
     def __call__(self, image):
@@ -157,7 +184,7 @@ class UniCLIP(nn.Module):
     z = pool(x) @ proj + mlp(params) @ Q, with Q = proj for 'add' ((pool + mlp) @ proj, expanded) and Q a separate
     (hidden, embed_dim) matrix for 'concat' ([pool, mlp] @ [proj; Q], written as a sum)."""
 
-    def __init__(self, cfg, aug_embed='add', aug_hidden=256, similarity='domain', tau_init=(0.1, 0.07, 0.07)):
+    def __init__(self, cfg, aug_embed='add', aug_hidden=256, tau='domain', offset='domain', tau_init=(0.1, 0.07)):
         super().__init__()
         self.clip = common.CLIP(cfg)
         self.clip.logit_scale.requires_grad_(False)  # the universal space has its own temperatures; set at export
@@ -170,9 +197,17 @@ class UniCLIP(nn.Module):
             nn.init.zeros_(self.aug_mlp[2].bias)
             if aug_embed == 'concat':
                 self.aug_proj = nn.Parameter(aug_hidden ** -0.5 * torch.randn(aug_hidden, cfg['embed_dim']))
-        shared = similarity == 'shared'
-        self.log_tau = nn.Parameter(torch.tensor(tau_init[1:2] if shared else list(tau_init)).log())  # (3,) or (1,)
-        self.offset = nn.Parameter(torch.zeros(1 if shared else 3), requires_grad=not shared)  # b_d of Eq. 2
+        tau_init = torch.tensor(tau_init, dtype=torch.float)  # (2,) image-image, image-text
+        if tau == 'domain':  # tau_d = exp(log_tau[d])
+            self.log_tau = nn.Parameter(tau_init.log())  # (2,)
+            self.register_buffer('tau_ratio', torch.ones(2), persistent=False)
+        else:  # the ablation: one learnable temperature, tau_d = exp(log_tau) * tau_init[d] / tau_init[image-text]
+            self.log_tau = nn.Parameter(tau_init[1:].log())  # (1,)
+            self.register_buffer('tau_ratio', tau_init / tau_init[1], persistent=False)
+        if offset == 'domain':  # b_image-image of Eq. 2; b_image-text = 0 (only the difference is identified)
+            self.offset = nn.Parameter(torch.zeros(1))
+        else:
+            self.register_buffer('offset', torch.zeros(1), persistent=False)
 
     def aug_term(self, params):
         """(N, P) augmentation parameters -> (N, embed_dim), what they add to the projected image feature."""
@@ -189,10 +224,22 @@ class UniCLIP(nn.Module):
     def encode_text(self, text, normalize=False):
         return self.clip.encode_text(text, normalize)
 
+    def similarity(self):
+        """Eq. 2's temperature and offset per domain pair, (3,) each in PAIRS order. Text-text has no parameters of
+        its own: it reads the image-text ones (--text-text tied)."""
+        tau = self.log_tau.exp() * self.tau_ratio  # (2,) image-image, image-text
+        offset = torch.cat([self.offset, torch.zeros_like(self.offset)])  # (2,) b_image-image, b_image-text = 0
+        return torch.cat([tau, tau[1:]]), torch.cat([offset, offset[1:]])
+
     def forward(self, images, params, texts):
         """(N, 3, S, S), (N, P), (B, T) -> normalised image (N, D) and text (B, D) embeddings, tau and b per pair (3,)."""
-        return (self.encode_image(images, True, params), self.encode_text(texts, True),
-                self.log_tau.exp().expand(3), self.offset.expand(3))
+        return (self.encode_image(images, True, params), self.encode_text(texts, True), *self.similarity())
+
+
+@torch.no_grad()
+def clamp_tau_(model):
+    """After each optimiser step: log_tau in [log 0.01, 0], CLIP's logit-scale range (--tau shared: tau_image-text)."""
+    model.log_tau.clamp_(-math.log(100), 0)
 
 
 @torch.no_grad()
@@ -201,7 +248,7 @@ def fold_export(model):
     constant after the projection; a shift d of ln_post's bias adds d @ proj there, so solve d @ proj = c: d =
     mlp(identity) exactly for 'add', d = c @ pinv(proj) for 'concat' (exact when proj has full column rank, checked)."""
     clip = copy.deepcopy(model.clip)
-    clip.logit_scale.copy_(-model.log_tau[1 if len(model.log_tau) == 3 else 0])  # 1 / tau_image-text
+    clip.logit_scale.copy_(-model.similarity()[0][1].log())  # 1 / tau_image-text
     if model.aug_embed == 'add':
         clip.visual.ln_post.bias.add_(model.aug_mlp(model.identity))
     elif model.aug_embed == 'concat':
@@ -218,10 +265,11 @@ def fold_export(model):
 PAIRS = ['image_image', 'image_text', 'text_text']  # domain pair d = domain_i + domain_j, 0 image, 1 text
 
 
-def universal_logits(z, domains, tau, offset):
-    """z (B, E, D): this rank's normalised embeddings, E per sample in `domains` order (list of 0 image / 1 text).
-    Returns logits (A, N) of the A = B*E local anchors against the N = world*B*E gathered candidates (Eq. 2), the
-    positive and negative masks (A, N) and the domain pair index (A, N)."""
+def universal_logits(z, domains, tau, offset, text_text='tied'):
+    """z (B, E, D): this rank's normalised embeddings, E per sample in `domains` order (list of 0 image / 1 text);
+    tau, offset (3,) per domain pair. Returns logits (A, N) of the A = B*E local anchors against the N = world*B*E
+    gathered candidates (Eq. 2), the positive and negative masks (A, N) and the domain pair index (A, N).
+    text_text='none' leaves text-text pairs out of both masks."""
     z = z.float()
     B, E, D = z.shape
     world, rank, dev = common.world_size(), common.rank(), z.device
@@ -234,7 +282,8 @@ def universal_logits(z, domains, tau, offset):
     sample_c = torch.arange(world * B, device=dev).repeat_interleave(E)  # (N,)
     same = sample_a[:, None] == sample_c[None, :]  # (A, N)
     is_self = (torch.arange(B * E, device=dev) + B * E * rank)[:, None] == torch.arange(world * B * E, device=dev)
-    return logits, same & ~is_self, ~same, pair
+    kept = pair != 2 if text_text == 'none' else torch.ones_like(same)  # (A, N)
+    return logits, same & ~is_self & kept, ~same & kept, pair
 
 
 def mp_nce(logits, pos, neg):
@@ -249,12 +298,12 @@ def info_nce(logits, pos, neg):
     return (-log_prob).masked_fill(~pos, 0)
 
 
-def universal_loss(z, domains, tau, offset, loss='mpnce'):
+def universal_loss(z, domains, tau, offset, loss='mpnce', text_text='tied'):
     """Mean over local anchors of the mean over each anchor's positives (Eq. 1); also each domain pair's mean term."""
-    logits, pos, neg, pair = universal_logits(z, domains, tau, offset)
+    logits, pos, neg, pair = universal_logits(z, domains, tau, offset, text_text)
     terms = (mp_nce if loss == 'mpnce' else info_nce)(logits, pos, neg)  # (A, N)
     parts = {}
-    for d in sorted({a + b for a, b in combinations(domains, 2)}):  # the pairs that occur among positives
+    for d in sorted({a + b for a, b in combinations(domains, 2)} - ({2} if text_text == 'none' else set())):
         sel = pos & (pair == d)
         parts[f'loss_{PAIRS[d]}'] = (terms.detach() * sel).sum() / sel.sum()
     return (terms.sum(dim=1) / pos.sum(dim=1)).mean(), parts
@@ -265,8 +314,8 @@ def universal_loss(z, domains, tau, offset, loss='mpnce'):
 def transforms(args, cfg):
     size = cfg['vision_cfg']['image_size']
     synthetic = data.resolve_dataset_type(args.train_data, args.dataset_type) == 'synthetic'
-    recipe = args.views if args.views != 'auto' else ('mild' if synthetic else 'paper')
-    return Views(size, recipe, args.num_views), open_clip.image_transform(size, is_train=False)
+    recipe = args.augment if args.augment != 'auto' else ('mild' if synthetic else 'slip')
+    return Views(size, recipe, args.views), open_clip.image_transform(size, is_train=False)
 
 # ----------------------------------------------------------------------------- main
 
@@ -285,12 +334,12 @@ def main(argv=None):
     amp = common.autocast(device, args.precision)
 
     # model: `model` is saved, evaluated and exported; `train_model` (compiled, DDP) runs the training forward
-    model = UniCLIP(cfg, args.aug_embed, args.aug_hidden, args.similarity, args.tau_init).to(device)
+    model = UniCLIP(cfg, args.aug_embed, args.aug_hidden, args.tau, args.offset, args.tau_init).to(device)
     train_model = common.maybe_compile(model, args.compile, device)
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokenizer = common.tokenizer_for(cfg)
-    domains = [0] * args.num_views + [1]  # per sample: the views, then the caption
+    domains = [0] * args.views + [1]  # per sample: the views, then the caption
 
     # resume
     state = None
@@ -324,9 +373,9 @@ def main(argv=None):
     # loop
     logger = common.Logger(os.path.join(args.out, 'log.jsonl'), resume_step=start)
     stop = common.StopSignal()
-    common.print0(f'UniCLIP: {args.model}, loss {args.loss}, similarity {args.similarity}, aug-embed {args.aug_embed}, '
-                  f'{args.num_views} views, {args.steps} steps of {global_batch} ({world} process'
-                  f'{"es" if world > 1 else ""}, {device.type}), out {args.out}')
+    common.print0(f'UniCLIP: {args.model}, loss {args.loss}, tau {args.tau}, offset {args.offset}, text-text '
+                  f'{args.text_text}, aug-embed {args.aug_embed}, {args.views} views, {args.steps} steps of '
+                  f'{global_batch} ({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
     meter, skipped, step = common.Throughput(), 0, start
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
     batches = iter(loader)
@@ -341,7 +390,7 @@ def main(argv=None):
         with amp:
             image_features, text_features, tau, offset = train_model(images, params, texts)
         z = torch.cat([image_features.view(B, V, -1), text_features[:, None]], dim=1)  # (B, V + 1, D)
-        loss, parts = universal_loss(z, domains, tau, offset, args.loss)
+        loss, parts = universal_loss(z, domains, tau, offset, args.loss, args.text_text)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
@@ -351,8 +400,7 @@ def main(argv=None):
             common.cleanup()
             sys.exit(1)
         optimizer.step()
-        with torch.no_grad():
-            model.log_tau.clamp_(-math.log(100), 0)  # tau in [0.01, 1], CLIP's logit-scale range
+        clamp_tau_(model)
         step += 1
         skipped += n_skipped
         meter.add(global_batch)
@@ -360,8 +408,8 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.steps:
             record = {'step': step, 'loss': common.mean_over_ranks(loss), 'lr': lr,
                       **{k: common.mean_over_ranks(v) for k, v in parts.items()},
-                      **{f'tau_{PAIRS[d]}': tau[d].item() for d in range(3)},
-                      **{f'offset_{PAIRS[d]}': offset[d].item() for d in range(3)},
+                      'tau_image_image': tau[0].item(), 'tau_image_text': tau[1].item(),
+                      'offset_image_image': offset[0].item(),
                       'samples_per_sec': meter.rate(), 'skipped': skipped}
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
