@@ -18,6 +18,16 @@ What this file implements
 - Zero-shot: student CLS -> ln_post -> head, normalised, against the teacher's text encoder (the student model carries
   a copy of the teacher's text tower), reported beside the teacher's own zero-shot accuracy on the same images.
 - Export: an open_clip `local-dir:` CLIP whose image tower is the student and whose text tower is the teacher's.
+- Big batches: --accum-freq K gives one optimizer step over K x batch-size x processes samples with exactly one big
+  batch's gradients, --grad-checkpointing recomputes the blocks in backward. The alignment loss averages as many
+  tokens (CLS and the kept patches) in every sample, so the micro-batches' size-weighted mean is the global batch's:
+  plain accumulation, no extra forward, the frozen teacher run once per micro-batch (no batch statistics: exact). The
+  contrastive stage contrasts all the pairs of the global batch (common.accumulate: GradCache, one extra no-grad
+  forward per micro-batch). Masks are drawn for the whole global batch from (seed, step) and each micro-batch takes
+  its rows, so any split into processes x micro-batches gives the same step.
+- --pretrained initialises the student from a CLIP of --model with the teacher's embedding dimension (an open_clip tag,
+  local-dir: or a ckpt.pt; strict, so its text tower must fit the teacher's); the teacher's text tower and logit scale
+  are then put back: zero-shot and the contrastive stage start from the teacher's text space.
 
 Data: --train-data DIR, an ImageFolder of images without captions (the paper trains on ImageNet-21K; class folders,
 classes unused), or WebDataset shards, read for their images alone when there is no contrastive stage; CSV files and
@@ -387,6 +397,7 @@ def main(argv=None):
     # model: `model` (student image tower + a copy of the teacher's text tower) is saved, evaluated and exported;
     # `train_model` (compiled, DDP) runs the training forward; `teacher` is frozen and never saved
     model = common.CLIP(cfg).to(device)
+    common.set_grad_checkpointing(model, args.grad_checkpointing)
     try:
         copy_text_tower(model, teacher_clip)
     except ValueError as err:
@@ -407,6 +418,12 @@ def main(argv=None):
         except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
     start = state['step'] if state else 0
+    if args.pretrained and not state:
+        try:
+            common.load_pretrained(model, args.pretrained, args.model)
+            copy_text_tower(model, teacher_clip)  # the image tower from --pretrained, the text tower the teacher's
+        except ValueError as err:
+            common.fail(err)
 
     # data: images only (an ImageFolder, or shards whose captions are not read) unless a contrastive stage needs the
     # captions; where the loader tokenises them, only that stage reads them. The teacher is evaluated on its own
@@ -464,9 +481,9 @@ def main(argv=None):
                   f'({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
     meter, skipped, step = common.Throughput(), 0, start
     bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = common.Batches(loader, args, device)
     while step < total:
-        images, texts, n_skipped = next(batches)
+        micro, n_skipped = next(batches)  # --accum-freq micro-batches of --batch-size
         contrastive = step >= args.steps
         if step == args.steps and args.contrastive_steps:
             optimizer = make_optimizer(True)  # fresh optimizer state (also right after a resume here)
@@ -474,25 +491,28 @@ def main(argv=None):
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        images = images.to(device, non_blocking=True)
-        extra = {}  # per-stage values to log
-        if contrastive:  # stage 2: CLIP loss on full images and their captions
-            with amp:
-                image_features, text_features, logit_scale = train_model(images, texts=texts.to(device, non_blocking=True))
-            loss = common.clip_loss(image_features, text_features, logit_scale)
-            extra['logit_scale'] = logit_scale
-        else:  # stage 1: align the student's unmasked tokens to the teacher's tokens at the same positions
-            g = common.step_generator(device, args.seed, rank, step)
-            ratio = args.mask_ratio if step < unmasked_from else 0.0
-            ids_keep = random_masking(images.shape[0], num_patches, ratio, g) if args.mask == 'random' else \
-                block_masking(images.shape[0], grid, ratio, g, inside=args.mask == 'block-inside')  # (B, K)
-            with amp:
-                targets = teacher(images)  # (B, 1 + L, D), no grad
-                tokens = train_model(images, ids_keep)  # (B, 1 + K, D)
-            loss, cos = uta_loss(tokens, targets, ids_keep)
-            extra['cos_cls'] = cos[:, 0].mean()  # the token zero-shot uses
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if contrastive:  # stage 2: CLIP loss on full images and their captions, over the whole global batch
+            def forward(m):
+                with amp:
+                    image_features, text_features, logit_scale = train_model(m.images, texts=m.texts)
+                return common.Forward(coupled=(image_features, text_features), shared=(logit_scale,))
+            loss, terms = common.accumulate(train_model, micro, forward, common.clip_loss)
+        else:  # stage 1: align the student's unmasked tokens to the teacher's tokens at the same positions
+            g = common.batch_generator(device, args.seed, step)
+            ratio = args.mask_ratio if step < unmasked_from else 0.0
+            ids_keep = random_masking(global_batch, num_patches, ratio, g) if args.mask == 'random' else \
+                block_masking(global_batch, grid, ratio, g, inside=args.mask == 'block-inside')  # (global batch, K)
+
+            def forward(m):
+                if 'targets' not in m.cache:
+                    with amp:
+                        m.cache['targets'] = teacher(m.images)  # (b, 1 + L, D), no grad
+                with amp:
+                    tokens = train_model(m.images, ids_keep[m.rows])  # (b, 1 + K, D)
+                loss, cos = uta_loss(tokens, m.cache['targets'], ids_keep[m.rows])  # the micro-batch's mean
+                return common.Forward(local=loss, terms={'cos_cls': cos[:, 0].mean()})  # CLS: the token zero-shot uses
+            loss, terms = common.accumulate(train_model, micro, forward, None)
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
         if nonfinite:
             common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
@@ -510,11 +530,12 @@ def main(argv=None):
         bar.update(1)
         if step % args.log_every == 0 or step == total:
             record = {'step': step, 'stage': 'contrastive' if contrastive else 'align', 'loss': common.mean_over_ranks(loss),
-                      'lr': lr, **{k: common.mean_over_ranks(v) for k, v in extra.items()},
-                      'samples_per_sec': meter.rate(), 'skipped': skipped}
+                      'lr': lr, **{k: common.mean_over_ranks(v) for k, v in terms.items()},
+                      **({'logit_scale': model.logit_scale.exp().item()} if contrastive else {}),
+                      **meter.rates(batches), 'skipped': skipped}
             logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
-        if args.eval_every and step % args.eval_every == 0 and step < total and rank == 0:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}', data=common.data_share(record))
+        if args.eval_every and step % args.eval_every == 0 and step < total:  # every rank: its share of the sets
             logger.log({'step': step, **common.evaluate(model, tokenizer, tasks, retrieval, device, amp)})
         if step % args.save_every == 0 or step == total or stopping:
             checkpoint(step)
@@ -523,14 +544,16 @@ def main(argv=None):
             break
     bar.close()
 
-    # cleanup: final evaluation of student and teacher side by side, and export (rank 0)
-    if step == total and rank == 0:
+    # cleanup: final evaluation of student and teacher side by side (every rank its share; rank 0 logs and prints) and
+    # export (rank 0)
+    if step == total:
         results = common.evaluate(model, tokenizer, tasks, retrieval, device, amp)
         teacher_results = common.evaluate(teacher_clip, tokenizer, teacher_tasks, teacher_retrieval, device, amp)
         logger.log({'step': step, **results, **{f'teacher/{k}': v for k, v in teacher_results.items()}})
         print_side_by_side(results, teacher_results, common.chance_levels(tasks, retrieval))
-        common.export_open_clip(model, cfg, os.path.join(args.out, 'open_clip'))
-        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+        if rank == 0:
+            common.export_open_clip(model, cfg, os.path.join(args.out, 'open_clip'))
+            print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
     common.cleanup()
     return step
 

@@ -433,11 +433,13 @@ def interrupt_at(monkeypatch, k):
     monkeypatch.setattr(uta.common, 'lr_at', lr_at)
 
 
-def test_exact_resume_across_both_stages(tmp_path, teacher_dir, monkeypatch):
+@pytest.mark.parametrize('accum', ['1', '2'])
+def test_exact_resume_across_both_stages(tmp_path, teacher_dir, monkeypatch, accum):
     """Interrupted at the end of alignment (step 3) and inside the contrastive stage (step 4): the same losses and
-    weights as the uninterrupted run, bit for bit."""
+    weights as the uninterrupted run, bit for bit; also with 2 micro-batches per step (accumulated alignment, GradCache
+    in the contrastive stage)."""
     argv = BASE + ['--teacher', f'local-dir:{teacher_dir}', '--steps', '3', '--contrastive-steps', '2',
-                   '--save-every', '100']
+                   '--save-every', '100', '--accum-freq', accum]
     monkeypatch.setattr(common, 'evaluate', lambda *args: {})  # not under test here; the slowest part of main
     assert uta.main(argv + ['--out', str(tmp_path / 'full')]) == 5
     for k in (3, 1):  # the second run resumes at 3 and is stopped during its first step, step 4
@@ -451,6 +453,28 @@ def test_exact_resume_across_both_stages(tmp_path, teacher_dir, monkeypatch):
     a = common.load_checkpoint(tmp_path / 'full' / 'ckpt.pt')['model']
     b = common.load_checkpoint(tmp_path / 'part' / 'ckpt.pt')['model']
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_pretrained_initialises_the_image_tower_and_keeps_the_teachers_text_tower(tmp_path, teacher_dir, monkeypatch):
+    """--pretrained: the student starts from that CLIP's image tower, and the teacher's text tower and logit scale are
+    put back, since zero-shot reads the teacher's text space (the pretrained CLIP's text tower here is another one)."""
+    torch.manual_seed(5)
+    cfg = common.model_config('tiny')
+    other = common.CLIP(cfg)
+    common.export_open_clip(other, cfg, str(tmp_path / 'pretrained'))
+    teacher = open_clip.create_model(f'local-dir:{teacher_dir}').state_dict()
+    monkeypatch.setattr(common, 'evaluate', lambda *args: {})
+    out = tmp_path / 'run'
+    argv = BASE + ['--teacher', f'local-dir:{teacher_dir}', '--pretrained', f'local-dir:{tmp_path / "pretrained"}']
+    assert uta.main(argv + ['--steps', '1', '--lr', '1e-12', '--out', str(out)]) == 1  # a step that moves nothing
+    state = common.load_checkpoint(out / 'ckpt.pt')['model']
+    assert set(state) == set(other.state_dict())
+    for k, v in other.state_dict().items():
+        if k.startswith('visual.'):
+            assert torch.allclose(state[k], v, atol=1e-6), k
+        else:
+            assert torch.equal(state[k], teacher[k]), k
+    assert not torch.allclose(other.state_dict()['token_embedding.weight'], teacher['token_embedding.weight'])
 
 
 def test_unmasked_fraction_ends_the_alignment_on_every_patch(tmp_path, teacher_dir, monkeypatch, capsys):
