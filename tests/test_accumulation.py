@@ -16,6 +16,7 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '
 # method: flags that make one step small and exact (A-CLIP: BatchNorm sees micro-batch statistics; see its docstring)
 METHODS = {
     'flip': [],
+    'uniclip': [],  # no BatchNorm, no random draw in the step: exact as it is
 }
 BASE = ['--steps', '1', '--workers', '0', '--log-every', '1', '--warmup', '1', '--lr', '1e-3']
 
