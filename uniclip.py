@@ -48,6 +48,13 @@ What is reconstructed, and the flag that changes it
   is flip.py's (AdamW, betas (0.9, 0.95), wd 0.2, warmup + cosine) so that comparisons with the CLIP baseline
   isolate the method; the paper's own schedule is not known.
 - Export: logit_scale = 1 / tau_image-text (the image-text offset is 0).
+- Big batches: --accum-freq K gives exactly the gradients of one batch of K x batch-size x processes samples
+  (common.accumulate: GradCache, one extra no-grad forward per micro-batch): MP-NCE takes every view and caption of
+  all of them as anchors and candidates, and the temperatures and offset get their gradient once, from the loss on the
+  whole batch. --grad-checkpointing recomputes the blocks of both towers in backward. The views are drawn by the
+  loader, seeded by each sample's position in the global batch (data.py; synthetic and CSV data), and nothing else in
+  a step is random, so any split of a global batch into processes x micro-batches gives the same step (tested).
+- --pretrained loads the CLIP part; the temperatures and the offset start from --tau-init and 0 all the same.
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model, 400 steps of 96, lr 1e-3. A step costs
 1.74x the FLOPs of a CLIP step on the same batch (two image views); the run costs what flip.py's default does
@@ -335,11 +342,15 @@ def main(argv=None):
 
     # model: `model` is saved, evaluated and exported; `train_model` (compiled, DDP) runs the training forward
     model = UniCLIP(cfg, args.aug_embed, args.aug_hidden, args.tau, args.offset, args.tau_init).to(device)
+    common.set_grad_checkpointing(model, args.grad_checkpointing)
     train_model = common.maybe_compile(model, args.compile, device)
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokenizer = common.tokenizer_for(cfg)
     domains = [0] * args.views + [1]  # per sample: the views, then the caption
+
+    def coupled_loss(z, tau, offset):  # z (rows, V + 1, D): this rank's rows of the whole step, views then caption
+        return universal_loss(z, domains, tau, offset, args.loss, args.text_text)
 
     # resume
     state = None
@@ -350,6 +361,11 @@ def main(argv=None):
         except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
     start = state['step'] if state else 0
+    if args.pretrained and not state:
+        try:
+            common.load_pretrained(model.clip, args.pretrained, args.model)
+        except ValueError as err:
+            common.fail(err)
 
     # data
     train_tf, eval_tf = transforms(args, cfg)
@@ -378,27 +394,30 @@ def main(argv=None):
                   f'{global_batch} ({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
     meter, skipped, step = common.Throughput(), 0, start
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = common.Batches(loader, args, device)
     while step < args.steps:
-        (images, params), texts, n_skipped = next(batches)  # (B, V, 3, S, S), (B, V, P), (B, T)
+        micro, n_skipped = next(batches)  # --accum-freq micro-batches of --batch-size; views drawn by the loader
         lr = common.lr_at(step, args.steps, args.warmup, args.lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        B, V = images.shape[:2]
-        images, params = images.to(device, non_blocking=True).flatten(0, 1), params.to(device).flatten(0, 1)  # (B*V, ...)
-        texts = texts.to(device, non_blocking=True)
-        with amp:
-            image_features, text_features, tau, offset = train_model(images, params, texts)
-        z = torch.cat([image_features.view(B, V, -1), text_features[:, None]], dim=1)  # (B, V + 1, D)
-        loss, parts = universal_loss(z, domains, tau, offset, args.loss, args.text_text)
+
+        def forward(m):
+            images, params = m.images  # (b, V, 3, S, S), (b, V, P)
+            b, V = images.shape[:2]
+            with amp:
+                image_features, text_features, tau, offset = train_model(images.flatten(0, 1), params.flatten(0, 1),
+                                                                         m.texts)  # (b*V, D), (b, D), (3,), (3,)
+            z = torch.cat([image_features.view(b, V, -1), text_features[:, None]], dim=1)  # (b, V + 1, D)
+            return common.Forward(coupled=(z,), shared=(tau, offset))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, terms = common.accumulate(train_model, micro, forward, coupled_loss)  # terms: MP-NCE per domain pair
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
         if nonfinite:
             common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
                           f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
             common.cleanup()
             sys.exit(1)
+        common.clip_grad_norm(model, args.grad_clip_norm)
         optimizer.step()
         clamp_tau_(model)
         step += 1
@@ -406,14 +425,15 @@ def main(argv=None):
         meter.add(global_batch)
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
+            tau, offset = model.similarity()
             record = {'step': step, 'loss': common.mean_over_ranks(loss), 'lr': lr,
-                      **{k: common.mean_over_ranks(v) for k, v in parts.items()},
+                      **{k: common.mean_over_ranks(v) for k, v in terms.items()},
                       'tau_image_image': tau[0].item(), 'tau_image_text': tau[1].item(),
                       'offset_image_image': offset[0].item(),
-                      'samples_per_sec': meter.rate(), 'skipped': skipped}
+                      **meter.rates(batches), 'skipped': skipped}
             logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps and rank == 0:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}', data=common.data_share(record))
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:  # every rank: its share of the sets
             logger.log({'step': step, **common.evaluate(model, tokenizer, tasks, retrieval, device, amp)})
         if step % args.save_every == 0 or step == args.steps or stopping:
             checkpoint(step)
@@ -422,13 +442,15 @@ def main(argv=None):
             break
     bar.close()
 
-    # cleanup: final evaluation (identity augmentation parameters) and export of the folded plain CLIP (rank 0)
-    if step == args.steps and rank == 0:
+    # cleanup: final evaluation (identity augmentation parameters; every rank its share, rank 0 logs and prints) and
+    # export of the folded plain CLIP (rank 0)
+    if step == args.steps:
         results = common.evaluate(model, tokenizer, tasks, retrieval, device, amp)
         logger.log({'step': step, **results})
         common.print_results(results, common.chance_levels(tasks, retrieval))
-        common.export_open_clip(fold_export(model), cfg, os.path.join(args.out, 'open_clip'))
-        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+        if rank == 0:
+            common.export_open_clip(fold_export(model), cfg, os.path.join(args.out, 'open_clip'))
+            print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
     common.cleanup()
     return step
 

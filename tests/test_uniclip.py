@@ -288,8 +288,15 @@ def test_export_round_trip(smoke_run):
     torch.testing.assert_close(loaded.logit_scale.exp(), 1 / model.similarity()[0][1])
 
 
-def test_exact_resume(smoke_run, tmp_path, monkeypatch):  # the smoke run is the uninterrupted one
+@pytest.mark.parametrize('accum', ['1', '2'])
+def test_exact_resume(smoke_run, tmp_path, monkeypatch, accum):
+    """Interrupted after step 2, resumed: the same losses and weights, bit for bit; also with the same global batch of
+    8 in 2 micro-batches of 4 (the smoke run is the uninterrupted run with 1)."""
     monkeypatch.setattr(data, 'eval_sets', small_eval_sets)
+    argv = ARGS + ['--accum-freq', accum, '--batch-size', str(8 // int(accum))]
+    full = smoke_run[0] if accum == '1' else str(tmp_path / 'a')
+    if accum != '1':
+        assert uniclip.main(argv + ['--out', full]) == 16
     lr_at = common.lr_at
 
     def interrupt_at_step_2(step, *rest):  # SIGTERM arrives during step index 1; the loop stops after step 2
@@ -298,14 +305,16 @@ def test_exact_resume(smoke_run, tmp_path, monkeypatch):  # the smoke run is the
         return lr_at(step, *rest)
 
     monkeypatch.setattr(common, 'lr_at', interrupt_at_step_2)
-    assert uniclip.main(ARGS + ['--out', str(tmp_path / 'b')]) == 2
+    assert uniclip.main(argv + ['--out', str(tmp_path / 'b')]) == 2
     monkeypatch.setattr(common, 'lr_at', lr_at)
-    assert uniclip.main(ARGS + ['--out', str(tmp_path / 'b')]) == 16
-    a, b = read_log(smoke_run[0]), read_log(tmp_path / 'b')
+    assert uniclip.main(argv + ['--out', str(tmp_path / 'b')]) == 16
+    a, b = read_log(full), read_log(tmp_path / 'b')
+    if accum != '1':  # the same global batch as the smoke run: its first step's loss
+        assert a[0]['loss'] == pytest.approx(read_log(smoke_run[0])[0]['loss'], rel=1e-5)
     assert [r['step'] for r in a] == [r['step'] for r in b] == list(range(1, 17)) + [16]
     for ra, rb in zip(a[:16], b[:16]):
         assert ra['loss'] == rb['loss'] and ra['loss_image_image'] == rb['loss_image_image']
-    sa, sb = [common.load_checkpoint(os.path.join(x, 'ckpt.pt'))['model'] for x in (smoke_run[0], tmp_path / 'b')]
+    sa, sb = [common.load_checkpoint(os.path.join(x, 'ckpt.pt'))['model'] for x in (full, tmp_path / 'b')]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
