@@ -16,6 +16,7 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '
 # method: flags that make one step small and exact (A-CLIP: BatchNorm sees micro-batch statistics; see its docstring)
 METHODS = {
     'flip': [],
+    'attentive_mask_clip': ['--head-bn', 'eval', '--time-steps', '0'],  # BN on running statistics; no step timer
 }
 BASE = ['--steps', '1', '--workers', '0', '--log-every', '1', '--warmup', '1', '--lr', '1e-3']
 
