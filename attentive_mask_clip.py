@@ -11,7 +11,8 @@ What this file implements
 - Loss (A) = 0.5 CLIP(v1, t) + 0.5 CLIP(v2, t) + 1.0 SimCLR(v1, v2) + 2.0 BYOL(v1, v2 -> EMA): CLIP is
   common.clip_loss; SimCLR is NT-Xent (tau 0.1, global batch) on a 3-layer BN MLP (4096 -> 256) of the pooled image
   token; BYOL is 2 - 2 cos(pred(proj(online)), proj_ema(EMA)), projector width -> 4096 -> 256, predictor 256 -> 4096
-  -> 256. BatchNorm is SyncBatchNorm under DDP on CUDA (torch has none for CPU: gloo runs use per-rank statistics).
+  -> 256. BatchNorm is SyncBatchNorm under DDP on CUDA (torch has none for CPU: gloo runs use per-rank statistics);
+  it sees one micro-batch at a time (Big batches, below).
   The forward runs under autocast (bf16 on CUDA); every loss term is computed in fp32 outside it.
 - The EMA (teacher) covers the vision tower and the BYOL projector; momentum cosine 0.996 -> 1.
 - The paper's optimiser: AdamW, betas (0.9, 0.98), wd 0.5, lr 5e-4 at batch 4096, warmup, cosine to 1e-5. At other
@@ -21,6 +22,18 @@ What this file implements
   view drops the SimCLR term. `random` is the official code's random baseline, MAE's per-token masking (any
   int(L * (1 - r)) patches, at least one: 32 of 64 at tiny, 98 of 196 at ViT-B/16 against attentive's 100).
   `random-block` (not in the paper) puts random scores into the block selection: the blocks and K of attentive.
+- Big batches (the paper's table is at 4096): --accum-freq K gives eq. (A)'s CLIP and SimCLR terms all K x batch-size
+  x processes samples as one batch (common.accumulate: GradCache, one extra no-grad online forward per micro-batch),
+  BYOL is their mean, the EMA pass runs once per micro-batch (its masks and targets are cached for the second pass)
+  and the EMA moves once per optimizer step; --grad-checkpointing recomputes the blocks of both towers in backward.
+  Random masks are drawn for the whole global batch from (seed, step) and each micro-batch takes its rows; attentive
+  masks are each sample's own. Not exact: the heads' BatchNorm (online and EMA) normalises with each micro-batch's
+  statistics, as DDP without SyncBN does per rank (here: per rank on CPU, over all processes' micro-batch with SyncBN
+  on CUDA), so K micro-batches of b differ from one batch of K x b there; its running statistics, which nothing reads
+  (the heads only train), move on each forward, so twice per micro-batch in the online heads when K > 1. --head-bn
+  eval puts every BN in eval mode on its running statistics (mean 0, variance 1 as initialised, never updated): then
+  any split is exactly one big batch, and the exactness tests (tests/test_accumulation.py, the 2-process test) use
+  it; it is not the paper's.
 
 Where this differs from the official code (microsoft/A-CLIP), and why
 - SimCLR contrasts view 1 with view 2, as the paper says; the official loss passes view 1 as both views.
@@ -50,12 +63,14 @@ Launch
     python attentive_mask_clip.py                       # CPU, synthetic data, ~5 minutes, results in runs/attentive_mask_clip/
     python attentive_mask_clip.py --mask random --out runs/aclip_random      # the masking ablation
     python attentive_mask_clip.py --model ViT-B-16 --train-data /data/cc3m/train.csv --batch-size 256 --workers 8
-    # above: lr 5e-4 x 256 / 4096 = 3.1e-5; below, the paper's run: 8 x 512 = 4096 a step, lr 5e-4, 25 YFCC epochs
+    # above: lr 5e-4 x 256 / 4096 = 3.1e-5; with --accum-freq 16 --grad-checkpointing, the paper's 4096 a step on one
+    # GPU (lr 5e-4; BatchNorm then sees 256 at a time); below, the paper's run: 8 x 512 = 4096, 25 YFCC epochs
     torchrun --nproc_per_node=8 attentive_mask_clip.py --model ViT-B-16 --train-data '/data/yfcc15m/{00000..01499}.tar' \\
         --train-num-samples 15000000 --steps 91550 --imagenet-val /data/imagenet/val --batch-size 512 --workers 8
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -98,6 +113,10 @@ def get_args(argv=None):
                    '(default: 4096; 512 for tiny)')
     g.add_argument('--head-dim', type=int, default=256, help='output width of the SimCLR/BYOL heads')
     g.add_argument('--crop-scale', type=float, default=None, help='smallest crop area (default: 0.5; 0.8 synthetic)')
+    g.add_argument('--head-bn', default='batch', choices=['batch', 'eval'], help="the heads' BatchNorm: batch "
+                   "statistics (the paper; each micro-batch's, over all processes with SyncBN on CUDA), or eval mode "
+                   "on the running statistics (each sample alone: any split into processes x micro-batches gives one "
+                   "big batch's step exactly; for the exactness tests, not the paper's)")
     g.add_argument('--time-steps', type=int, default=5, help='steps timed against a CLIP step at the end (0: skip)')
     args = p.parse_args(argv)
     if not 0 <= args.mask_ratio < 1:
@@ -220,6 +239,40 @@ def block_mask(score, grid, mask_ratio):
     key = block_rank[:, block_of] * L + torch.arange(L, device=score.device)  # (B, L): block rank, then raster order
     return key.argsort(dim=1)[:, :keep_count(L, mask_ratio)]  # (B, K)
 
+
+def random_ids(args, batch, grid, generator):
+    """The masks of --mask random / random-block for `batch` rows and every online view, ids_keep (V, batch, K), view
+    by view; None for the other masks. The loop draws them for the whole global batch, once a step from
+    common.batch_generator, and each micro-batch takes its rows [:, m.rows]: a sample's mask is a function of (seed,
+    step, its position in the global batch), whatever the split into processes and micro-batches."""
+    V, L = args.views, grid[0] * grid[1]
+    if args.mask == 'random':  # the paper's baseline: K = int(L * (1 - r)) patches, any patches
+        return random_masking(V * batch, L, args.mask_ratio, generator).view(V, batch, -1)
+    if args.mask == 'random-block':  # random scores into the block selection: blocks and K as attentive
+        score = torch.rand(V * batch, L, device=generator.device, generator=generator)
+        return block_mask(score, grid, args.mask_ratio).view(V, batch, -1)
+    return None
+
+
+@torch.no_grad()
+def teacher(ema, views, boxes, args):
+    """The EMA pass on the zoom-out views, no gradient, under the caller's autocast: views (b, 3, 3, S, S), boxes
+    (b, 3, 4) -> {'ids_keep': the attentive masks (V*b, K), view-major; 'target': the BYOL targets (b, dim)}, each
+    where used. A function of each sample alone (but for the EMA head's BatchNorm); the loop caches it per
+    micro-batch."""
+    out, visual = {}, ema['visual']
+    b, V, (gh, gw) = views.shape[0], args.views, visual.grid_size
+    if args.mask == 'attentive':
+        tokens, attn = cls_attention(visual, views[:, 2])  # (b, 1 + L, width), (b, layers, heads, 1 + L)
+        score = attn[..., 1:].mean(dim=(1, 2)).view(b, gh, gw)  # CLS->patch, mean over layers and heads
+        score = torch.cat([map_scores(score, boxes[:, v], boxes[:, 2]) for v in range(V)]).flatten(1)  # (V*b, L)
+        out['ids_keep'] = block_mask(score, (gh, gw), args.mask_ratio)  # (V*b, K)
+    elif 'byol_proj' in ema:
+        tokens = visual.forward_tokens(views[:, 2])
+    if 'byol_proj' in ema:
+        out['target'] = ema['byol_proj'](visual.pool(tokens))  # (b, dim)
+    return out
+
 # ----------------------------------------------------------------------------- method: model and heads
 
 
@@ -304,43 +357,52 @@ def byol_loss(p, target):
     return (2 - 2 * (p.view(-1, *target.shape) * target).sum(dim=-1)).mean()
 
 
-def losses(train_model, ema, views, boxes, texts, args, generator):
-    """One step's forward (under the caller's autocast): the EMA pass on the zoom-out view (scores, BYOL targets; no
-    gradient), the masks, one online pass over the V views stacked; then eq. (A) in fp32, outside autocast.
-    views (B, 3, 3, S, S), boxes (B, 3, 4). -> (loss, terms, logit_scale)."""
-    B, V = texts.shape[0], args.views
-    visual = ema['visual']
-    gh, gw = visual.grid_size
-    with torch.no_grad():
-        ids_keep = target = None
-        if args.mask == 'attentive':
-            tokens, attn = cls_attention(visual, views[:, 2])  # (B, 1 + L, width), (B, layers, heads, 1 + L)
-            score = attn[..., 1:].mean(dim=(1, 2)).view(B, gh, gw)  # CLS->patch, mean over layers and heads
-            score = torch.cat([map_scores(score, boxes[:, v], boxes[:, 2]) for v in range(V)]).flatten(1)  # (V*B, L)
-            ids_keep = block_mask(score, (gh, gw), args.mask_ratio)  # (V*B, K)
-        elif args.byol_weight > 0:
-            tokens = visual.forward_tokens(views[:, 2])
-        if args.mask == 'random':  # the paper's baseline: K = int(L * (1 - r)) patches, any patches
-            ids_keep = random_masking(V * B, gh * gw, args.mask_ratio, generator)  # (V*B, K)
-        elif args.mask == 'random-block':  # random scores into the block selection: blocks and K as attentive
-            score = torch.rand(V * B, gh * gw, device=views.device, generator=generator)
-            ids_keep = block_mask(score, (gh, gw), args.mask_ratio)  # (V*B, K)
-        if 'byol_proj' in ema:
-            target = ema['byol_proj'](visual.pool(tokens))  # (B, dim)
-    online = views[:, :V].transpose(0, 1).flatten(0, 1)  # (V*B, 3, S, S), view-major
-    image_features, text_features, logit_scale, z, p = train_model(online, texts, ids_keep)
-    with torch.autocast(views.device.type, enabled=False):  # the losses in fp32: bf16 logits are +-0.25 at scale 100
-        image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
-        image_features = image_features.view(V, B, -1)  # (V, B, D)
-        terms = {f'clip_{v + 1}': common.clip_loss(image_features[v], text_features, logit_scale) for v in range(V)}
-        loss = args.clip_weight / V * sum(terms.values())  # eq. (A): 0.5 CLIP(v1, t) + 0.5 CLIP(v2, t)
-        if z is not None:
-            terms['simclr'] = simclr_loss(*z.float().view(2, B, -1), args.simclr_tau)
-            loss = loss + args.simclr_weight * terms['simclr']  # eq. (A): + 1.0 SimCLR(v1, v2)
-        if p is not None:
+def coupled_loss(args, image_features, text_features, *rest):
+    """Eq. (A)'s batch-coupled terms on this rank's rows, in fp32 (common.accumulate calls it outside autocast, on all
+    of the step's rows at once): image_features (n, V, D) and text_features (n, D) for CLIP per view, then the SimCLR
+    projections (n, 2, dim) where SimCLR is on, then the logit scale. -> (loss, terms)."""
+    *z, logit_scale = rest
+    image_features, text_features, logit_scale = image_features.float(), text_features.float(), logit_scale.float()
+    V = image_features.shape[1]
+    terms = {f'clip_{v + 1}': common.clip_loss(image_features[:, v], text_features, logit_scale) for v in range(V)}
+    loss = args.clip_weight / V * sum(terms.values())  # eq. (A): 0.5 CLIP(v1, t) + 0.5 CLIP(v2, t)
+    if z:
+        z = z[0].float()  # (n, 2, dim)
+        terms['simclr'] = simclr_loss(z[:, 0], z[:, 1], args.simclr_tau)
+        loss = loss + args.simclr_weight * terms['simclr']  # eq. (A): + 1.0 SimCLR(v1, v2)
+    return loss, terms
+
+
+def loss_parts(out, target, args):
+    """The online pass's outputs (view-major, as ACLIP.forward returns them) -> common.Forward: coupled = image
+    features (b, V, D), text features (b, D) and the SimCLR projections (b, 2, dim) where on (coupled_loss reads them
+    with the logit scale, `shared`); local = the weighted BYOL term, each sample's predictions against its EMA target
+    (b, dim), in fp32 outside autocast: eq. (A)'s + 2.0 BYOL(v -> EMA)."""
+    image_features, text_features, logit_scale, z, p = out
+    b = text_features.shape[0]
+    coupled = (image_features.view(-1, b, image_features.shape[-1]).transpose(0, 1), text_features)  # (b, V, D), (b, D)
+    if z is not None:
+        coupled += (z.view(2, b, -1).transpose(0, 1),)  # (b, 2, dim)
+    terms = {}
+    if p is not None:
+        with torch.autocast(p.device.type, enabled=False):  # the losses in fp32: bf16 logits are +-0.25 at scale 100
             terms['byol'] = byol_loss(p.float(), target.float())
-            loss = loss + args.byol_weight * terms['byol']  # eq. (A): + 2.0 BYOL(v -> EMA)
-    return loss, terms, logit_scale
+    return common.Forward(coupled=coupled, shared=(logit_scale,), local=args.byol_weight * terms.get('byol', 0.0),
+                          terms=terms)
+
+
+def losses(train_model, ema, views, boxes, texts, args, generator):
+    """One batch's eq. (A) as one micro-batch of the loop (its forward, then coupled_loss), for step_seconds and
+    bench.py to time; under the caller's autocast, the losses in fp32 outside it. views (B, 3, 3, S, S), boxes
+    (B, 3, 4), `generator` for the random masks. -> (loss, terms, logit_scale)."""
+    cache = teacher(ema, views, boxes, args)
+    ids_random = random_ids(args, texts.shape[0], ema['visual'].grid_size, generator)  # (V, B, K) or None
+    ids_keep = cache.get('ids_keep') if ids_random is None else ids_random.flatten(0, 1)  # (V*B, K)
+    out = loss_parts(train_model(views[:, :args.views].transpose(0, 1).flatten(0, 1), texts, ids_keep),
+                     cache.get('target'), args)
+    with torch.autocast(views.device.type, enabled=False):
+        loss, terms = coupled_loss(args, *out.coupled, *out.shared)
+    return loss + out.local, dict(terms, **out.terms), out.shared[0]
 
 # ----------------------------------------------------------------------------- data
 
@@ -360,12 +422,14 @@ def transforms(args, cfg):
 # ----------------------------------------------------------------------------- cost: a step against a CLIP step
 
 
-def step_seconds(model, ema, views, boxes, texts, args, device, amp, n):
+def step_seconds(model, ema, m, args, device, amp, n):
     """Median seconds of a training step (forward, backward, AdamW; and the EMA update) of A-CLIP and of CLIP (the whole
-    first view, CLIP loss only) on the same batch, on copies of the models; interleaved, so other load hits both alike."""
+    first view, CLIP loss only) on the same batch, micro-batch m (common.Micro), on copies of the models; interleaved,
+    so other load hits both alike. A plain loop of one-batch steps (`losses`), not the training loop's accumulation."""
     model, ema = copy.deepcopy(model), copy.deepcopy(ema)
     opt = torch.optim.AdamW(common.param_groups(model, args.wd), lr=1e-9, betas=(0.9, 0.98))
-    generator = common.step_generator(device, args.seed, common.rank(), 0)
+    (views, boxes), texts = m.images, m.texts
+    generator = common.batch_generator(device, args.seed, 0)
     sync = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
     steps = {'aclip': lambda: losses(model, ema, views, boxes, texts, args, generator)[0],
              'clip': lambda: common.clip_loss(*model.clip(views[:, 0], texts))}
@@ -406,13 +470,17 @@ def main(argv=None):
     model = ACLIP(cfg, args.head_hidden, args.head_dim, simclr=args.views == 2 and args.simclr_weight > 0,
                   byol=args.byol_weight > 0).to(device)
     if world > 1 and device.type == 'cuda':
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # head BN statistics over the global batch
-    ema = copy.deepcopy(tracked(model)).requires_grad_(False)  # starts as the online weights, updated only by EMA
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # head BN statistics over the micro-batch of all ranks
+    if args.head_bn == 'eval':  # BN on its running statistics: every sample alone (the EMA's copy inherits it)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    common.set_grad_checkpointing(model, args.grad_checkpointing)
     train_model = common.maybe_compile(model, args.compile, device)
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokenizer = common.tokenizer_for(cfg)
-    num_patches = model.clip.visual.num_patches
+    num_patches, grid = model.clip.visual.num_patches, model.clip.visual.grid_size
 
     # resume
     state = None
@@ -420,10 +488,20 @@ def main(argv=None):
         try:
             state = common.load_checkpoint(resume, cfg)
             model.load_state_dict(state['model'], strict=True)
-            ema.load_state_dict(state['ema'], strict=True)
         except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
     start = state['step'] if state else 0
+    if args.pretrained and not state:
+        try:
+            common.load_pretrained(model.clip, args.pretrained, args.model)
+        except ValueError as err:
+            common.fail(err)
+    ema = copy.deepcopy(tracked(model)).requires_grad_(False)  # starts as the online weights, updated only by EMA
+    if state:
+        try:
+            ema.load_state_dict(state['ema'], strict=True)
+        except (RuntimeError, KeyError) as err:
+            common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
 
     # data
     train_tf, eval_tf = transforms(args, cfg)
@@ -456,30 +534,38 @@ def main(argv=None):
         common.print0('note: SyncBatchNorm needs CUDA; on CPU the heads normalise with per-rank batch statistics')
     meter, skipped, step = common.Throughput(), 0, start
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = common.Batches(loader, args, device)
     while step < args.steps:
-        (views, boxes), texts, n_skipped = next(batches)
+        micro, n_skipped = next(batches)  # --accum-freq micro-batches of --batch-size, images = (views, boxes)
         lr = common.lr_at(step, args.steps, args.warmup, args.lr, min_lr=1e-5)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        views, boxes = views.to(device, non_blocking=True), boxes.to(device, non_blocking=True)
-        texts = texts.to(device, non_blocking=True)
-        with amp:
-            loss, terms, logit_scale = losses(train_model, ema, views, boxes, texts, args,
-                                              common.step_generator(device, args.seed, rank, step))
+        # random masks (V, global batch, K) for every row of the global batch, each micro-batch takes its rows; the
+        # attentive masks come from the EMA pass, per sample
+        ids_random = random_ids(args, global_batch, grid, common.batch_generator(device, args.seed, step))
+
+        def forward(m):
+            views, boxes = m.images  # (b, 3, 3, S, S): online views 1 and 2, the EMA view; (b, 3, 4) their boxes
+            with amp:
+                if not m.cache:  # the EMA pass, once per micro-batch: attentive masks, BYOL targets
+                    m.cache.update(teacher(ema, views, boxes, args))
+                ids_keep = m.cache.get('ids_keep') if ids_random is None else ids_random[:, m.rows].flatten(0, 1)
+                out = train_model(views[:, :args.views].transpose(0, 1).flatten(0, 1), m.texts, ids_keep)  # view-major
+            return loss_parts(out, m.cache.get('target'), args)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, terms = common.accumulate(train_model, micro, forward, functools.partial(coupled_loss, args))
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
         if nonfinite:
             common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
                           f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
             common.cleanup()
             sys.exit(1)
+        common.clip_grad_norm(model, args.grad_clip_norm)
         optimizer.step()
         with torch.no_grad():
             model.clip.logit_scale.clamp_(0, math.log(100))
         momentum = ema_momentum(step, args.steps, args.ema_momentum)
-        update_ema(ema, model, momentum)
+        update_ema(ema, model, momentum)  # once per optimizer step
         step += 1
         skipped += n_skipped
         meter.add(global_batch)
@@ -487,11 +573,11 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.steps:
             record = {'step': step, 'loss': common.mean_over_ranks(loss),  # the global batch's, as one process logs
                       **{k: common.mean_over_ranks(v) for k, v in terms.items()}, 'lr': lr,
-                      'logit_scale': logit_scale.item(), 'ema_momentum': momentum,
-                      'samples_per_sec': meter.rate(), 'skipped': skipped}
+                      'logit_scale': model.clip.logit_scale.exp().item(), 'ema_momentum': momentum,
+                      **meter.rates(batches), 'skipped': skipped}
             logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps and rank == 0:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}', data=common.data_share(record))
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:  # every rank: its share of the sets
             logger.log({'step': step, **common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)})
         if step % args.save_every == 0 or step == args.steps or stopping:
             checkpoint(step)
@@ -500,18 +586,20 @@ def main(argv=None):
             break
     bar.close()
 
-    # cleanup: step time against CLIP (every rank: the losses hold collectives), final evaluation and export (rank 0)
+    # cleanup: step time against CLIP (every rank: the losses hold collectives), final evaluation (every rank its
+    # share; rank 0 logs and prints) and export (rank 0)
     if step == args.steps and args.time_steps and start < step:
-        t = step_seconds(model, ema, views, boxes, texts, args, device, amp, args.time_steps)
+        t = step_seconds(model, ema, micro[-1], args, device, amp, args.time_steps)
         logger.log({'step': step, 'step_seconds/aclip': t['aclip'], 'step_seconds/clip': t['clip']})
         common.print0(f"step time on the same batch: A-CLIP {t['aclip']:.3f} s, CLIP {t['clip']:.3f} s, "
                       f"{t['aclip'] / t['clip']:.2f}x (paper, ViT-B/16: 1.16x)")
-    if step == args.steps and rank == 0:
+    if step == args.steps:
         results = common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)
         logger.log({'step': step, **results})
         common.print_results(results, common.chance_levels(tasks, retrieval))
-        common.export_open_clip(model.clip, cfg, os.path.join(args.out, 'open_clip'))
-        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+        if rank == 0:
+            common.export_open_clip(model.clip, cfg, os.path.join(args.out, 'open_clip'))
+            print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
     common.cleanup()
     return step
 

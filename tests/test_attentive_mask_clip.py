@@ -1,6 +1,8 @@
 """attentive_mask_clip.py: block and per-token random masks, the box mapping, the attention scores, the SimCLR pairing,
-the EMA, fp32 losses under bf16, 2 processes against 1, the lr rule, and the script end to end through main(argv):
-smoke run, exact resume including the EMA, export round trip, bad input."""
+the EMA, fp32 losses under bf16, 2 processes x 2 micro-batches against 1 process, the lr rule, and the script end to end
+through main(argv): smoke run, exact resume including the EMA (also with --accum-freq 2), random masks drawn for the
+global batch, --pretrained before the EMA copy, export round trip, bad input. Accumulated = one big batch and
+--grad-checkpointing: tests/test_accumulation.py."""
 import copy
 import json
 import os
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import aclip_dist_helper as dist_helper  # tests/ is on sys.path under pytest
+from accum_worker import first_step_grads
 import attentive_mask_clip as aclip
 import common
 import data
@@ -321,8 +324,9 @@ def test_losses_are_fp32_outside_autocast_under_bf16(tmp_path, monkeypatch):
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    """2 gloo ranks x 3 samples == 1 process x 6: loss, each term and every gradient (SimCLR's rank offsets and its
-    itself-mask, the gathers with gradient, BYOL, the EMA scores and masks). BatchNorm in eval mode: see the helper."""
+    """2 gloo ranks x 2 micro-batches x 2 samples == 1 process x 8 in one piece, attentive and random masks: loss, each
+    term and every gradient (SimCLR's rank offsets and its itself-mask, the gathers with gradient, GradCache, BYOL, the
+    EMA scores and masks, the random masks' rows). BatchNorm in eval mode: see the helper."""
     helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'aclip_dist_helper.py')
     proc = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                              helper, str(tmp_path)], env=dict(os.environ, OMP_NUM_THREADS='1'), text=True,
@@ -334,14 +338,16 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
         _, err = proc.communicate()
         pytest.fail(f'2-process run timed out: {err[-3000:]}')
     assert proc.returncode == 0, err[-3000:]
-    two = torch.load(tmp_path / 'dist.pt')
-    model, ema, args = dist_helper.models(str(tmp_path / 'unused'))
-    values, names, grads = dist_helper.loss_and_grads(model, model, ema, args, *dist_helper.global_batch())
-    assert two['names'] == names == ['byol', 'clip_1', 'clip_2', 'simclr']
-    torch.testing.assert_close(two['values'], values, atol=1e-6, rtol=1e-5)
-    assert two['grads'].keys() == grads.keys() and any(k.startswith('simclr_head') for k in grads)
-    for k in grads:  # fp32 summation order: relative to each tensor's largest entry (the text embeddings' reach 19)
-        assert (two['grads'][k] - grads[k]).abs().max() <= 1e-5 * grads[k].abs().max() + 1e-8, k
+    results = torch.load(tmp_path / 'dist.pt')
+    for mask in ('attentive', 'random'):
+        two = results[mask]
+        model, ema, args = dist_helper.models(str(tmp_path / 'unused'), mask)
+        values, names, grads = dist_helper.loss_and_grads(model, model, ema, args, *dist_helper.global_batch(), 1, 8)
+        assert two['names'] == names == ['byol', 'clip_1', 'clip_2', 'simclr']
+        torch.testing.assert_close(two['values'], values, atol=1e-6, rtol=1e-5)
+        assert two['grads'].keys() == grads.keys() and any(k.startswith('simclr_head') for k in grads)
+        for k in grads:  # fp32 summation order: relative to each tensor's largest entry (the text embeddings' reach 19)
+            assert (two['grads'][k] - grads[k]).abs().max() <= 1e-5 * grads[k].abs().max() + 1e-8, (mask, k)
     assert [r['step'] for r in records(tmp_path / 'run') if 'loss' in r] == [1, 2]
     assert os.path.isdir(tmp_path / 'run' / 'open_clip')
 
@@ -378,22 +384,24 @@ def test_smoke_learns_reports_cost_and_exports(tmp_path):
         assert (ref.encode_text(texts) - ours.encode_text(texts)).abs().max() <= 1e-5
 
 
-def test_exact_resume_including_the_ema(tmp_path, monkeypatch):
+@pytest.mark.parametrize('accum', ['1', '2'])
+def test_exact_resume_including_the_ema(tmp_path, monkeypatch, accum):
     """SIGTERM during step 3 of 6: checkpoint, return; the resumed run logs the same losses and ends with the same
-    online and EMA weights (and BN statistics) as the uninterrupted one, bit for bit."""
+    online and EMA weights (and BN statistics) as the uninterrupted one, bit for bit; also with 2 micro-batches a step
+    (random masks: their draw must be a function of the step, not of the process's history)."""
     monkeypatch.setattr(data, 'eval_sets', lambda *args: ({}, None))  # evaluation is the smoke test's business
     monkeypatch.setattr(common, 'evaluate', lambda *args: {})
-    flags = ['--steps', '6', '--save-every', '100']
+    flags = ['--steps', '6', '--save-every', '100', '--accum-freq', accum] + ['--mask', 'random'] * (accum == '2')
     assert run(tmp_path / 'full', *flags) == 6
-    calls, real = [0], aclip.losses
+    calls, real = [0], aclip.coupled_loss
 
-    def losses(*args):
+    def coupled_loss(*args):  # once a step, whatever --accum-freq
         calls[0] += 1
         if calls[0] == 3:
             signal.raise_signal(signal.SIGTERM)
         return real(*args)
     with monkeypatch.context() as patch:
-        patch.setattr(aclip, 'losses', losses)
+        patch.setattr(aclip, 'coupled_loss', coupled_loss)
         assert run(tmp_path / 'part', *flags) == 3
     assert common.load_checkpoint(tmp_path / 'part' / 'ckpt.pt')['step'] == 3
     assert run(tmp_path / 'part', *flags) == 6
@@ -404,6 +412,64 @@ def test_exact_resume_including_the_ema(tmp_path, monkeypatch):
     for part in ('model', 'ema'):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][n], b[part][n]) for n in a[part]), part
+
+
+@pytest.mark.parametrize('mask', ['random', 'random-block'])
+def test_random_masks_are_drawn_for_the_global_batch(tmp_path, monkeypatch, mask):
+    """--accum-freq 2 x 4 against one batch of 8, --head-bn eval (BatchNorm on its running statistics): every sample
+    gets the mask it gets in the big batch, the step the same gradients (every parameter, 1e-5) and loss; the EMA pass
+    runs once per micro-batch, though the online forward runs twice (GradCache), and the EMA moves once per step."""
+    monkeypatch.setattr(data, 'eval_sets', lambda *args: ({}, None))
+    monkeypatch.setattr(common, 'evaluate', lambda *args, **kwargs: {})
+    seen, counts, forward = [], {'teacher': 0, 'update_ema': 0}, aclip.ACLIP.forward
+
+    def recorded(self, images, texts, ids_keep=None):
+        seen.append((torch.is_grad_enabled(), ids_keep))
+        return forward(self, images, texts, ids_keep)
+    monkeypatch.setattr(aclip.ACLIP, 'forward', recorded)
+
+    def counted(name, real):
+        def wrapper(*args):
+            counts[name] += 1
+            return real(*args)
+        return wrapper
+    for name in counts:
+        monkeypatch.setattr(aclip, name, counted(name, getattr(aclip, name)))
+    runs = {}
+    for name, flags in (('big', []), ('acc', ['--batch-size', '4', '--accum-freq', '2'])):
+        seen.clear()
+        counts.update(teacher=0, update_ema=0)
+        grads, losses = first_step_grads(aclip, BASE + ['--steps', '1', '--mask', mask, '--head-bn', 'eval'] + flags +
+                                         ['--out', str(tmp_path / name)])
+        runs[name] = grads, losses, [ids for grad, ids in seen if grad], sum(not grad for grad, _ in seen), dict(counts)
+    (big, big_loss, big_ids, big_nograd, big_counts), (acc, acc_loss, acc_ids, acc_nograd, acc_counts) = runs.values()
+    assert (big_nograd, big_counts) == (0, {'teacher': 1, 'update_ema': 1})  # one micro-batch: no extra forward
+    assert (acc_nograd, acc_counts) == (2, {'teacher': 2, 'update_ema': 1})
+    V, K = 2, big_ids[0].shape[1]
+    assert torch.equal(torch.cat([ids.view(V, 4, K) for ids in acc_ids], dim=1), big_ids[0].view(V, 8, K))
+    assert not torch.equal(acc_ids[0], acc_ids[1])  # not one draw reused per micro-batch
+    for x, y in zip(acc, big):
+        assert (x - y).norm() <= 1e-5 * y.norm(), (tuple(y.shape), (x - y).norm(), y.norm())
+    assert acc_loss == pytest.approx(big_loss, rel=1e-5)
+    state = common.load_checkpoint(tmp_path / 'acc' / 'ckpt.pt')
+    for part in ('model', 'ema'):  # eval mode: the running statistics stay as initialised
+        stats = {k: v for k, v in state[part].items() if k.endswith(('running_mean', 'running_var'))}
+        assert stats and all(torch.equal(v, torch.full_like(v, float(k.endswith('var')))) for k, v in stats.items())
+
+
+def test_pretrained_initialises_the_clip_and_the_ema_copies_it(tmp_path, monkeypatch):
+    """--pretrained loads the CLIP before the EMA is copied from it: after one step at lr 1e-30 the EMA's vision tower
+    is the pretrained one; the heads are not loaded."""
+    monkeypatch.setattr(data, 'eval_sets', lambda *args: ({}, None))
+    monkeypatch.setattr(common, 'evaluate', lambda *args, **kwargs: {})
+    run(tmp_path / 'a', '--steps', '2')
+    run(tmp_path / 'b', '--steps', '1', '--lr', '1e-30', '--wd', '0', '--pretrained', str(tmp_path / 'a' / 'ckpt.pt'))
+    a, b = (common.load_checkpoint(tmp_path / d / 'ckpt.pt') for d in ('a', 'b'))
+    visual = [k for k in a['model'] if k.startswith('clip.visual.')]
+    assert visual and all(torch.allclose(b['ema'][k[5:]], a['model'][k], rtol=0, atol=1e-12) for k in visual)
+    clip = [k for k in a['model'] if k.startswith('clip.')]
+    assert all(torch.allclose(b['model'][k], a['model'][k], rtol=0, atol=1e-12) for k in clip)
+    assert not torch.equal(b['model']['simclr_head.0.weight'], a['model']['simclr_head.0.weight'])
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -417,6 +483,7 @@ def test_exact_resume_including_the_ema(tmp_path, monkeypatch):
     (['--head-dim', '0'], '--head-dim'),
     (['--lr', '0'], '--lr'),  # was replaced by the default (common.fill_run_defaults' `or`)
     (['--time-steps', '-1'], '--time-steps'),
+    (['--accum-freq', '0'], '--accum-freq'),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setattr(data, 'eval_sets', lambda *args: ({}, None))  # a value accepted by mistake: one short run
