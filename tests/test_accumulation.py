@@ -16,6 +16,7 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '
 # method: flags that make one step small and exact (A-CLIP: BatchNorm sees micro-batch statistics; see its docstring)
 METHODS = {
     'flip': [],
+    'maskclip': ['--precision', 'fp32', '--time-steps', '0', '--prototypes', '64'],
 }
 BASE = ['--steps', '1', '--workers', '0', '--log-every', '1', '--warmup', '1', '--lr', '1e-3']
 
