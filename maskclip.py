@@ -414,9 +414,9 @@ def mlm_loss(hidden, texts, ids_mask, valid, token_embedding, tokens_per_sample)
 
 def micro_forward(model, train_model, teacher, center, m, args, tau_t, tokens_per_sample):
     """MaskCLIP on one micro-batch `m` (common.Micro, its masks in m.cache from draw_masks), under the caller's
-    autocast, the per-sample losses in fp32 outside it. Returns common.Forward: coupled = the CLIP embeddings, shared = the logit
-    scale (the inputs of L_clip, batch-coupled), local = lambda_img L_distill + lambda_txt L_mlm (micro-batch means),
-    terms = the two unweighted. The EMA teacher's targets are computed on the first call and kept in m.cache."""
+    autocast, the per-sample losses in fp32 outside it. Returns common.Forward: coupled = the CLIP embeddings, shared =
+    the logit scale (the inputs of L_clip, batch-coupled), local = lambda_img L_distill + lambda_txt L_mlm (micro-batch
+    means), terms = the two unweighted. The EMA teacher's targets are computed on the first call and kept in m.cache."""
     ids_keep, ids_mask, masked_texts, text_ids, valid = m.cache['masks']
     if ids_mask is not None and 'target' not in m.cache:  # the EMA teacher: once per micro-batch
         m.cache['target'] = teacher_targets(teacher, m.images, ids_mask)

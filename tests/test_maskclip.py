@@ -546,6 +546,23 @@ def test_exact_resume_including_the_teacher(tmp_path, monkeypatch, accum):
     assert torch.equal(a['center'], b['center']) and a['center'].abs().sum() > 0
 
 
+def test_teacher_starts_from_the_pretrained_clip(learned_run, tmp_path, monkeypatch):
+    """--pretrained loads the CLIP before the EMA teacher is copied from it: the teacher's image tower starts as the
+    pretrained one (here the learned run's student), not as the random initialisation."""
+    first, ema_update = {}, maskclip.ema_update
+
+    def spy(teacher, student, momentum):
+        first.setdefault('visual', {k: v.clone() for k, v in teacher['visual'].state_dict().items()})
+        ema_update(teacher, student, momentum)
+    monkeypatch.setattr(maskclip, 'ema_update', spy)
+    maskclip.main(RUN + ['--steps', '1', '--time-steps', '0', '--pretrained', os.path.join(learned_run, 'ckpt.pt'),
+                         '--out', str(tmp_path)])
+    pretrained = torch.load(os.path.join(learned_run, 'ckpt.pt'), weights_only=True)['model']
+    random = student().clip.visual.state_dict()
+    assert all(torch.equal(v, pretrained[f'clip.visual.{k}']) for k, v in first['visual'].items())
+    assert not torch.equal(first['visual']['proj'], random['proj'])
+
+
 def test_export_round_trip(learned_run):
     exported, _, _ = open_clip.create_model_and_transforms(f'local-dir:{os.path.join(learned_run, "open_clip")}')
     state = torch.load(os.path.join(learned_run, 'ckpt.pt'), weights_only=True)['model']
