@@ -44,8 +44,8 @@ Reconstructed (not recoverable from public material), each a flag
   moves. The decoder's outputs at the masked positions are scored against the token embedding matrix (tied: no new
   49408-way layer). Static shapes, no host sync: each caption scores N = round(0.15 x (context length - 2))
   positions, the most it can have masked (4 at tiny's 32, 11 at 77), those past its n weighted 0; the loss is the
-  mean over every rank's masked tokens (the count all-reduced), so 2 processes give 1 process's loss on the same
-  global batch.
+  mean over every masked token of the global batch: each micro-batch's sum is divided by the step's count over all
+  micro-batches and ranks (one small all_reduce), so any split into processes x micro-batches gives one batch's loss.
 - --mlm-pass shared: the summaries do not say whether MLM has a text-tower pass of its own. The BERT-like
   reconstruction gives it one ('bidirectional', this file's first default); the default gives it none: the CLIP text
   pass itself reads the masked caption (causally, so CLIP's text embedding comes from the masked caption, as with
@@ -59,6 +59,14 @@ Reconstructed (not recoverable from public material), each a flag
 - --lambda-img 0.1 --lambda-txt 0.1; with both 0 the step is exactly flip.py's CLIP step (--mask-ratio 0): no teacher,
   no decoders, the same optimiser (AdamW, betas 0.9/0.95).
 - The learning rate, 5e-4 x global batch / 4096: a guess (SLIP's YFCC-15M rate; the paper compares against SLIP).
+- Big batches: --accum-freq K trains on exactly one batch of K x batch-size x processes (common.accumulate,
+  GradCache): L_clip contrasts the whole global batch, at the cost of one extra no-grad forward per micro-batch
+  (the decoders included); the EMA teacher's targets are computed once per micro-batch and reused (m.cache). The
+  distillation and MLM terms are per sample, averaged over the global batch (MLM per masked token, above); the EMA
+  teacher and the centre update once per optimizer step, the centre from the targets of every micro-batch (and
+  rank). Patch masks and MLM positions are drawn for the whole global batch from (seed, step), each micro-batch taking
+  its rows, so any split gives the same step and resume stays exact. Everything is exact (no BatchNorm here).
+  --grad-checkpointing recomputes every block of both towers and both decoders in backward.
 
 Scaled down for the embedded CPU default, and said so: the `tiny` model (64 px, 8 px patches), 200 steps of 128 (about
 0.8 s each: 3 min on 2 idle cores), lr 1e-3, 256 prototypes (iBOT: 8192), no crop or flip on the synthetic data, and
@@ -79,7 +87,7 @@ median). The tiny model's ratio is higher because its one-block decoders and 49,
 beside a 3-layer text tower. Not measured on a GPU. These times predate the static-shape MLM, which scores N rows per
 caption instead of its n masked ones; FLOPs x CLIP since (bench.count_flops on the same steps, not timed): ViT-B/16
 default 1.57x, bidirectional 1.72x, masked view 0.72x; ViT-S/16 1.57x, 1.83x, 0.83x; tiny 2.00x, 2.26x, 1.26x.
-Every finished run times both steps on its last batch and logs and prints the ratio (--time-steps).
+Every finished run times both steps on its last micro-batch and logs and prints the ratio (--time-steps).
 
 Launch
     python maskclip.py                                   # CPU, synthetic data, results in runs/maskclip/
@@ -199,22 +207,48 @@ def patch_masking(batch, grid, mask_ratio, generator, block=False, blocks=4):
     return ids[:, :K], ids[:, K:]
 
 
-def text_masking(texts, mask_ratio, generator):
-    """BERT-style masking for MLM. texts (B, T) ids -> masked texts (B, T), ids_mask (B, N), valid (B, N) bool.
+def text_masking(texts, mask_ratio, noise):
+    """BERT-style masking for MLM. texts (B, T) ids and noise (B, T) uniform in [0, 1) (the caller's draw: these rows
+    of the global batch's) -> masked texts (B, T), ids_mask (B, N), valid (B, N) bool.
     A caption's word tokens are those after SOT and before its EOT (the largest id: argmax); padding follows EOT and
     is told by position, as its id 0 is also '!' (as in '!$'). Per caption, n = max(1, round(r * words)) of them, the
-    lowest of uniform noise, become MASK_ID; ids_mask[b, :n] are their positions (valid) and the rest of the row other
+    lowest of the noise, become MASK_ID; ids_mask[b, :n] are their positions (valid) and the rest of the row other
     positions (not valid). N = max(1, round(r * (T - 2))) is the most any caption can have: the shapes are static."""
     B, T = texts.shape
     eot = texts.argmax(dim=1, keepdim=True)  # (B, 1)
     words = (texts != SOT) & (torch.arange(T, device=texts.device) < eot)  # (B, T)
-    noise = torch.rand(texts.shape, device=generator.device, generator=generator).masked_fill(~words, 2.0)
+    noise = noise.masked_fill(~words, 2.0)  # (B, T): the words sort first
     N = max(1, int((torch.tensor(T - 2) * mask_ratio).round()))  # the arithmetic of n below, at T - 2 words
     n = (words.sum(dim=1, keepdim=True) * mask_ratio).round().clamp(1, N)  # (B, 1)
     ids_mask = noise.argsort(dim=1)[:, :N]  # (B, N): the words first, in noise order
     valid = (torch.arange(N, device=texts.device) < n) & words.gather(1, ids_mask)  # (B, N)
     masked = texts.scatter(1, ids_mask, torch.where(valid, MASK_ID, texts.gather(1, ids_mask)))
     return masked, ids_mask, valid
+
+
+def draw_masks(micro, global_batch, grid, args, generator):
+    """One step's random choices, drawn for all `global_batch` rows from `generator` (common.batch_generator: a pure
+    function of (seed, step)), each micro-batch taking its rows into m.cache['masks'] = (ids_keep, ids_mask,
+    masked_texts, text_ids, valid), None where a branch is off: the patch masks, and caption noise (global_batch, T)
+    applied to each micro-batch's own captions (text_masking needs their word counts). So a sample's masks do not
+    depend on how the global batch is split into ranks x micro-batches. Returns MLM's normaliser, the mean count of
+    masked caption tokens per sample of the global batch (every micro-batch's count, summed over ranks in one small
+    all_reduce; no host sync), or None without MLM."""
+    ids_keep = ids_mask = noise = None
+    if args.lambda_img > 0:  # (global_batch, K), (global_batch, M)
+        ids_keep, ids_mask = patch_masking(global_batch, grid, args.mask_ratio, generator, args.mask_type == 'block')
+    if args.lambda_txt > 0:
+        noise = torch.rand(global_batch, micro[0].texts.shape[1], device=generator.device, generator=generator)
+    for m in micro:
+        patches = (None, None) if ids_keep is None else (ids_keep[m.rows], ids_mask[m.rows])
+        words = (None, None, None) if noise is None else text_masking(m.texts, args.text_mask_ratio, noise[m.rows])
+        m.cache['masks'] = patches + words
+    if noise is None:
+        return None
+    count = torch.stack([m.cache['masks'][4].sum() for m in micro]).sum().float()  # this rank's masked tokens
+    if common.world_size() > 1:
+        dist.all_reduce(count)  # the masked tokens of the global batch
+    return count.clamp(min=1) / global_batch
 
 # ----------------------------------------------------------------------------- method: model and heads
 
@@ -367,40 +401,57 @@ def update_center(center, target, momentum=0.9):
     center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
 
 
-def mlm_loss(hidden, texts, ids_mask, valid, token_embedding):
-    """Cross-entropy over the vocabulary at the masked caption tokens, logits = hidden @ token_embedding.T (tied); the
-    mean over the valid (B, N) positions of every rank, so that the DDP mean of the ranks' losses is the global one."""
-    h = torch.gather(hidden, 1, ids_mask.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).float()  # (B, N, width)
-    logits = h @ token_embedding.float().T  # (B, N, vocab)
-    ce = F.cross_entropy(logits.flatten(0, 1), texts.gather(1, ids_mask).flatten(), reduction='none')  # (B * N,)
-    w = valid.flatten().float()
-    count = w.sum()
-    if common.world_size() > 1:
-        dist.all_reduce(count)  # the masked tokens of the global batch
-    return (ce * w).sum() / (count.clamp(min=1) / common.world_size())
+def mlm_loss(hidden, texts, ids_mask, valid, token_embedding, tokens_per_sample):
+    """Cross-entropy over the vocabulary at the masked caption tokens, logits = hidden @ token_embedding.T (tied),
+    summed over the valid (b, N) positions and divided by b x tokens_per_sample (draw_masks': the global batch's masked
+    tokens per sample). That is the micro-batch mean of a per-caption term, so the size-weighted mean over micro-batches
+    and ranks (common.accumulate, DDP) is the mean over every masked token of the global batch, as one big batch's."""
+    h = torch.gather(hidden, 1, ids_mask.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])).float()  # (b, N, width)
+    logits = h @ token_embedding.float().T  # (b, N, vocab)
+    ce = F.cross_entropy(logits.flatten(0, 1), texts.gather(1, ids_mask).flatten(), reduction='none')  # (b * N,)
+    return (ce * valid.flatten().float()).sum() / (len(texts) * tokens_per_sample)
+
+
+def micro_forward(model, train_model, teacher, center, m, args, tau_t, tokens_per_sample):
+    """MaskCLIP on one micro-batch `m` (common.Micro, its masks in m.cache from draw_masks), under the caller's
+    autocast, the per-sample losses in fp32 outside it. Returns common.Forward: coupled = the CLIP embeddings, shared =
+    the logit scale (the inputs of L_clip, batch-coupled), local = lambda_img L_distill + lambda_txt L_mlm (micro-batch
+    means), terms = the two unweighted. The EMA teacher's targets are computed on the first call and kept in m.cache."""
+    ids_keep, ids_mask, masked_texts, text_ids, valid = m.cache['masks']
+    if ids_mask is not None and 'target' not in m.cache:  # the EMA teacher: once per micro-batch
+        m.cache['target'] = teacher_targets(teacher, m.images, ids_mask)
+    image_features, text_features, logit_scale, pred, hidden = train_model(m.images, m.texts, ids_keep, ids_mask,
+                                                                           masked_texts)
+    terms = {}
+    with torch.autocast(m.texts.device.type, enabled=False):
+        if pred is not None:
+            terms['distill_loss'] = distill_loss(pred, m.cache['target'], center, tau_t, args)
+        if hidden is not None:
+            terms['mlm_loss'] = mlm_loss(hidden, m.texts, text_ids, valid, model.clip.token_embedding.weight,
+                                         tokens_per_sample)
+    local = args.lambda_img * terms.get('distill_loss', 0.0) + args.lambda_txt * terms.get('mlm_loss', 0.0)
+    return common.Forward(coupled=(image_features, text_features), shared=(logit_scale,), local=local, terms=terms)
+
+
+def clip_term(image_features, text_features, logit_scale):
+    """The batch-coupled term, L_clip over the whole step's batch (common.clip_loss), and its value for the log."""
+    loss = common.clip_loss(image_features, text_features, logit_scale)
+    return loss, {'clip_loss': loss}
 
 
 def losses(model, train_model, teacher, center, images, texts, args, generator, tau_t=None):
-    """One step's masks, forward passes (under the caller's autocast) and loss terms (in fp32), at teacher temperature
-    tau_t (default: --teacher-temp). Returns the loss L_clip + lambda_img L_distill + lambda_txt L_mlm, the terms by
-    name, the logit scale and the teacher's targets."""
-    ids_keep = ids_mask = masked_texts = text_ids = valid = target = None
-    if teacher is not None:
-        grid = teacher['visual'].grid_size
-        ids_keep, ids_mask = patch_masking(len(images), grid, args.mask_ratio, generator, args.mask_type == 'block')
-        target = teacher_targets(teacher, images, ids_mask)
-    if args.lambda_txt > 0:
-        masked_texts, text_ids, valid = text_masking(texts, args.text_mask_ratio, generator)
-    image_features, text_features, logit_scale, pred, hidden = train_model(images, texts, ids_keep, ids_mask,
-                                                                           masked_texts)
+    """One batch as one micro-batch, without accumulation (what step_seconds and bench.py time): masks from `generator`
+    for this rank's rows of a global batch of world x B, the forward (under the caller's autocast) and the loss at
+    teacher temperature tau_t (default: --teacher-temp). Returns the loss L_clip + lambda_img L_distill + lambda_txt
+    L_mlm, the terms by name, the logit scale and the teacher's targets. main's loop runs the same pieces through
+    common.accumulate."""
+    B, rank = len(texts), common.rank()
+    m = common.Micro(images, texts, slice(rank * B, rank * B + B))
+    tokens_per_sample = draw_masks([m], B * common.world_size(), model.clip.visual.grid_size, args, generator)
+    out = micro_forward(model, train_model, teacher, center, m, args, tau_t or args.teacher_temp, tokens_per_sample)
     with torch.autocast(images.device.type, enabled=False):
-        terms = {'clip_loss': common.clip_loss(image_features, text_features, logit_scale)}
-        if pred is not None:
-            terms['distill_loss'] = distill_loss(pred, target, center, tau_t or args.teacher_temp, args)
-        if hidden is not None:
-            terms['mlm_loss'] = mlm_loss(hidden, texts, text_ids, valid, model.clip.token_embedding.weight)
-    weights = {'clip_loss': 1.0, 'distill_loss': args.lambda_img, 'mlm_loss': args.lambda_txt}
-    return sum(weights[k] * v for k, v in terms.items()), terms, logit_scale, target
+        clip, _ = clip_term(*out.coupled, *out.shared)
+    return clip + out.local, {'clip_loss': clip, **out.terms}, out.shared[0], m.cache.get('target')
 
 # ----------------------------------------------------------------------------- cost: a step against a CLIP step
 
@@ -410,7 +461,7 @@ def step_seconds(model, teacher, center, images, texts, args, device, amp, n):
     (both lambdas 0) on the same batch, on copies of the models; interleaved, so other load hits both alike."""
     model, teacher, center = copy.deepcopy(model), copy.deepcopy(teacher), center.clone()
     opt = torch.optim.AdamW(common.param_groups(model, args.wd), lr=1e-9, betas=(0.9, 0.95))
-    generator = common.step_generator(device, args.seed, common.rank(), 0)
+    generator = common.batch_generator(device, args.seed, 0)
     sync = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
     clip_args = argparse.Namespace(**{**vars(args), 'lambda_img': 0.0, 'lambda_txt': 0.0})
     runs = {'maskclip': (teacher, args), 'clip': (None, clip_args)}
@@ -463,12 +514,12 @@ def main(argv=None):
     # model: `model` (student + decoders) is saved and trained, `model.clip` evaluated and exported; `train_model`
     # (compiled, DDP) runs the training forward; `teacher` (EMA of the image tower and tokenizer head) makes targets
     model = MaskCLIP(cfg, args).to(device)
-    teacher = copy.deepcopy(model.distilled()).requires_grad_(False) if args.lambda_img > 0 else None
-    center = torch.zeros(args.prototypes, device=device)  # the online tokenizer's centre (--target ce)
+    common.set_grad_checkpointing(model, args.grad_checkpointing)
     train_model = common.maybe_compile(model, args.compile, device)
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
     tokenizer = common.tokenizer_for(cfg)
+    grid = model.clip.visual.grid_size
 
     # resume
     state = None
@@ -476,12 +527,23 @@ def main(argv=None):
         try:
             state = common.load_checkpoint(resume, cfg)
             model.load_state_dict(state['model'], strict=True)
-            if teacher is not None:
-                teacher.load_state_dict(state['teacher'], strict=True)
-                center.copy_(state['center'])
-        except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        except (ValueError, RuntimeError, KeyError) as err:
             common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
     start = state['step'] if state else 0
+    if args.pretrained and not state:
+        try:
+            common.load_pretrained(model.clip, args.pretrained, args.model)
+        except ValueError as err:
+            common.fail(err)
+    # the teacher starts as the student (after --pretrained), or as it was saved
+    teacher = copy.deepcopy(model.distilled()).requires_grad_(False) if args.lambda_img > 0 else None
+    center = torch.zeros(args.prototypes, device=device)  # the online tokenizer's centre (--target ce)
+    if state and teacher is not None:
+        try:
+            teacher.load_state_dict(state['teacher'], strict=True)
+            center.copy_(state['center'])
+        except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+            common.fail(f'cannot resume from {resume}: {str(err).splitlines()[0]}')
 
     # data
     train_tf, eval_tf = transforms(args, cfg)
@@ -512,34 +574,36 @@ def main(argv=None):
                   f'({world} process{"es" if world > 1 else ""}, {device.type}), out {args.out}')
     meter, skipped, step = common.Throughput(), 0, start
     bar = tqdm(total=args.steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    batches = iter(loader)
+    batches = common.Batches(loader, args, device)
     while step < args.steps:
-        images, texts, n_skipped = next(batches)
+        micro, n_skipped = next(batches)  # --accum-freq micro-batches of --batch-size
         lr = common.lr_at(step, args.steps, args.warmup, args.lr)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
-        generator = common.step_generator(device, args.seed, rank, step)  # masks: a pure function of the step
         tau_t = teacher_temp(step, tau_warmup, args.warmup_teacher_temp, args.teacher_temp)
-        with amp:
-            loss, terms, logit_scale, target = losses(model, train_model, teacher, center, images, texts, args,
-                                                      generator, tau_t)
+        # patch masks and MLM positions for every row of the global batch; each micro-batch keeps its rows in m.cache
+        tokens_per_sample = draw_masks(micro, global_batch, grid, args, common.batch_generator(device, args.seed, step))
+
+        def forward(m):
+            with amp:
+                return micro_forward(model, train_model, teacher, center, m, args, tau_t, tokens_per_sample)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, terms = common.accumulate(train_model, micro, forward, clip_term)
         nonfinite, stopping = common.any_rank(not torch.isfinite(loss).item(), stop.requested)
         if nonfinite:
             common.print0(f'error: non-finite loss at step {step + 1}; stopping all ranks, '
                           f'the last good checkpoint is kept in {ckpt_path}', file=sys.stderr)
             common.cleanup()
             sys.exit(1)
+        common.clip_grad_norm(model, args.grad_clip_norm)
         optimizer.step()
         with torch.no_grad():
             model.clip.logit_scale.clamp_(0, math.log(100))
-        if teacher is not None:
+        if teacher is not None:  # once per optimizer step; the centre from the targets of every micro-batch
             momentum = ema_momentum(step, args.steps, args.ema_momentum)
             ema_update(teacher, model.distilled(), momentum)
             if args.target == 'ce':
-                update_center(center, target)
+                update_center(center, torch.cat([m.cache['target'] for m in micro]))
         step += 1
         skipped += n_skipped
         meter.add(global_batch)
@@ -547,13 +611,13 @@ def main(argv=None):
         if step % args.log_every == 0 or step == args.steps:
             record = {'step': step, 'loss': common.mean_over_ranks(loss),
                       **{k: common.mean_over_ranks(v) for k, v in terms.items()}, 'lr': lr,
-                      'logit_scale': logit_scale.item(), 'samples_per_sec': meter.rate(), 'skipped': skipped}
+                      'logit_scale': model.clip.logit_scale.exp().item(), **meter.rates(batches), 'skipped': skipped}
             if teacher is not None:
                 record['momentum'] = momentum
                 record['teacher_temp'] = tau_t
             logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps and rank == 0:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}', data=common.data_share(record))
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:  # every rank: its share of the sets
             logger.log({'step': step, **common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)})
         if step % args.save_every == 0 or step == args.steps or stopping:
             checkpoint(step)
@@ -562,18 +626,20 @@ def main(argv=None):
             break
     bar.close()
 
-    # cleanup: step time against CLIP (every rank: the losses hold collectives), final evaluation and export (rank 0)
+    # cleanup: step time against CLIP on the last micro-batch (every rank: the losses hold collectives), final
+    # evaluation (every rank its share; rank 0 logs and prints) and export (rank 0)
     if step == args.steps and args.time_steps and start < step:
-        t = step_seconds(model, teacher, center, images, texts, args, device, amp, args.time_steps)
+        t = step_seconds(model, teacher, center, micro[-1].images, micro[-1].texts, args, device, amp, args.time_steps)
         logger.log({'step': step, 'step_seconds/maskclip': t['maskclip'], 'step_seconds/clip': t['clip']})
         common.print0(f"step time on the same batch: MaskCLIP {t['maskclip']:.3f} s, CLIP {t['clip']:.3f} s, "
                       f"{t['maskclip'] / t['clip']:.2f}x (paper, ViT-B/16: 1.56x)")
-    if step == args.steps and rank == 0:
+    if step == args.steps:
         results = common.evaluate(model.clip, tokenizer, tasks, retrieval, device, amp)
         logger.log({'step': step, **results})
         common.print_results(results, common.chance_levels(tasks, retrieval))
-        common.export_open_clip(model.clip, cfg, os.path.join(args.out, 'open_clip'))
-        print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
+        if rank == 0:
+            common.export_open_clip(model.clip, cfg, os.path.join(args.out, 'open_clip'))
+            print(f'exported open_clip model to local-dir:{os.path.join(args.out, "open_clip")}')
     common.cleanup()
     return step
 

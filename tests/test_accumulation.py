@@ -25,6 +25,7 @@ METHODS = {
     'uta-contrastive': ['--teacher', f'local-dir:{UTA_TEACHER}', '--steps', '0', '--contrastive-steps', '1'],
     'uniclip': [],  # no BatchNorm, no random draw in the step: exact as it is
     'attentive_mask_clip': ['--head-bn', 'eval', '--time-steps', '0'],  # BN on running statistics; no step timer
+    'maskclip': ['--precision', 'fp32', '--time-steps', '0', '--prototypes', '64'],
 }
 BASE = ['--steps', '1', '--workers', '0', '--log-every', '1', '--warmup', '1', '--lr', '1e-3']
 MODULE = {'uta-contrastive': 'uta'}  # the entries that are another stage of a method: that method's file

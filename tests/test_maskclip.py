@@ -94,6 +94,24 @@ def test_masking_keeps_at_least_one_patch(block):
     assert torch.isfinite(loss) and terms['distill_loss'] > 0
 
 
+@pytest.mark.parametrize('block', [False, True])
+def test_masks_are_drawn_for_the_global_batch(block):
+    """draw_masks: 2 micro-batches of 2 get rows 0-1 and 2-3 of one draw for 4 rows, the same masks as 1 micro-batch
+    of 4 (and the same MLM normaliser); a draw per micro-batch would repeat rows 0-1."""
+    texts = common.tokenizer_for(CFG)(captions(4))
+    args = maskclip.get_args(['--out', 'unused'] + (['--mask-type', 'block'] if block else []))
+
+    def masks(*cuts):
+        micro = [common.Micro(torch.zeros(r.stop - r.start, 3, 64, 64), texts[r], r) for r in cuts]
+        per_sample = maskclip.draw_masks(micro, 4, (8, 8), args, common.batch_generator(torch.device('cpu'), 0, 5))
+        return [torch.cat(x) for x in zip(*(m.cache['masks'] for m in micro))], per_sample
+    (split, split_n), (whole, whole_n) = masks(slice(0, 2), slice(2, 4)), masks(slice(0, 4))
+    assert all(torch.equal(a, b) for a, b in zip(split, whole)) and torch.equal(split_n, whole_n)
+    ids_keep, ids_mask, masked_texts, text_ids, valid = whole
+    assert not torch.equal(ids_keep[:2], ids_keep[2:]) and not torch.equal(text_ids[:2], text_ids[2:])
+    assert whole_n == pytest.approx(valid.sum().item() / 4) and (masked_texts == maskclip.MASK_ID).sum() == valid.sum()
+
+
 def test_block_masking_masks_neighbours_together():
     def neighbour_rate(ids_mask):  # P(right or lower neighbour masked | patch masked)
         m = torch.zeros(ids_mask.shape[0], 64, dtype=torch.bool).scatter_(1, ids_mask, True).view(-1, 8, 8)
@@ -240,6 +258,10 @@ def test_masked_clip_view_embeds_the_masked_pass_only():
 # ----------------------------------------------------------------------------- text masking, the MLM text pass
 
 
+def noise_for(texts, seed):  # text_masking's noise, (B, T) uniform: the draw the previous version made itself
+    return torch.rand(texts.shape, generator=torch.Generator().manual_seed(seed))
+
+
 def is_masked_of(texts, ids_mask, valid):  # (B, T) bool from text_masking's indices
     return torch.zeros(texts.shape, dtype=torch.bool).scatter(1, ids_mask, valid)
 
@@ -253,7 +275,7 @@ def old_text_masking(texts, mask_ratio, generator):  # the previous version: wor
 
 def test_text_masking_never_masks_special_tokens():
     texts = common.tokenizer_for(CFG)(captions(300) + ['', 'red'])
-    masked, ids_mask, valid = maskclip.text_masking(texts, 0.15, torch.Generator().manual_seed(0))
+    masked, ids_mask, valid = maskclip.text_masking(texts, 0.15, noise_for(texts, 0))
     assert ids_mask.shape == valid.shape == (302, 4)  # N = round(0.15 x 30): static
     is_masked = is_masked_of(texts, ids_mask, valid)
     eot = (texts == maskclip.EOT).int().argmax(1, keepdim=True)
@@ -272,23 +294,24 @@ def test_exclamation_mark_can_be_masked():
     """Token id 0 is padding and also '!' inside a word ('!$' -> [SOT, 0, 259, EOT]): it is a word, padding is not."""
     texts = common.tokenizer_for(CFG)(['!$', 'a red circle !$'])
     assert texts[0, :4].tolist() == [maskclip.SOT, 0, 259, maskclip.EOT]
-    masked, ids_mask, valid = maskclip.text_masking(texts, 1.0, torch.Generator().manual_seed(0))
+    masked, ids_mask, valid = maskclip.text_masking(texts, 1.0, noise_for(texts, 0))
     assert masked[0, :4].tolist() == [maskclip.SOT, maskclip.MASK_ID, maskclip.MASK_ID, maskclip.EOT]
     assert (masked[0, 4:] == 0).all() and is_masked_of(texts, ids_mask, valid)[1].sum() == 5
-    hits = sum(bool(maskclip.text_masking(texts[1:], 0.15, torch.Generator().manual_seed(s))[0][0, 4] ==
+    hits = sum(bool(maskclip.text_masking(texts[1:], 0.15, noise_for(texts[1:], s))[0][0, 4] ==
                     maskclip.MASK_ID) for s in range(200))
     assert 10 < hits < 70  # at 15%, 1 of its 5 words: the '!' piece among them about 40 times in 200
 
 
 def test_mlm_loss_has_a_static_shape_and_the_old_value():
     texts = common.tokenizer_for(CFG)(captions(16))
-    _, ids_mask, valid = maskclip.text_masking(texts, 0.15, torch.Generator().manual_seed(0))
+    _, ids_mask, valid = maskclip.text_masking(texts, 0.15, noise_for(texts, 0))
     hidden, embedding = torch.randn(16, 32, 128), torch.randn(49408, 128)
     is_masked = is_masked_of(texts, ids_mask, valid)
     old = F.cross_entropy(hidden[is_masked] @ embedding.T, texts[is_masked])  # the boolean-indexed version
-    assert torch.allclose(maskclip.mlm_loss(hidden, texts, ids_mask, valid, embedding), old, rtol=1e-5)
+    per_sample = valid.sum() / 16  # one micro-batch, one rank: masked tokens per sample
+    assert torch.allclose(maskclip.mlm_loss(hidden, texts, ids_mask, valid, embedding, per_sample), old, rtol=1e-5)
     hidden[~is_masked] = 1e3  # the unmasked positions do not enter
-    assert torch.allclose(maskclip.mlm_loss(hidden, texts, ids_mask, valid, embedding), old, rtol=1e-5)
+    assert torch.allclose(maskclip.mlm_loss(hidden, texts, ids_mask, valid, embedding, per_sample), old, rtol=1e-5)
 
 
 def test_bidirectional_mlm_pass_sees_both_sides():
@@ -310,7 +333,7 @@ def test_bidirectional_mlm_pass_sees_both_sides():
 
 def test_default_mlm_pass_is_the_clip_pass_of_the_masked_caption():
     texts = common.tokenizer_for(CFG)(captions(6))
-    masked, _, _ = maskclip.text_masking(texts, 0.15, torch.Generator().manual_seed(0))
+    masked, _, _ = maskclip.text_masking(texts, 0.15, noise_for(texts, 0))
     images = torch.randn(6, 3, 64, 64)
 
     def forward(model):  # -> the model's outputs and the causal flag of each text-tower pass
@@ -413,15 +436,15 @@ def test_centre_is_synchronised_across_ranks(tmp_path):
 
 
 def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
-    """maskclip.main under torchrun, 2 x 2 samples a step, against 1 x 4 with the same masks per sample: every loss
-    term step after step (the centre's all-reduce enters from step 2 on, MLM's global token count at every step), and
-    the final student, teacher and centre."""
+    """maskclip.main under torchrun, 2 processes x 2 micro-batches of 1, against 1 x 4: every loss term step after
+    step (the centre's all-reduce over micro-batches and ranks enters from step 2 on, MLM's global token count at
+    every step), and the final student, teacher and centre."""
     helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'maskclip_dist_helper.py')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     flags = ['--steps', '3', '--warmup-teacher-temp-steps', '2']
     for cmd in ([sys.executable, helper, str(tmp_path / 'one'), '--batch-size', '4', *flags],
                 [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', helper,
-                 str(tmp_path / 'two'), '--batch-size', '2', *flags]):
+                 str(tmp_path / 'two'), '--batch-size', '1', '--accum-freq', '2', *flags]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = ([r for r in read_log(tmp_path / d) if 'loss' in r] for d in ('one', 'two'))
@@ -436,6 +459,27 @@ def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
             w = b[part][k]
             if k.endswith('attn.in_proj_bias'):  # the key bias has no gradient (softmax ignores it): Adam turns its
                 v, w = (torch.cat(x.chunk(3)[::2]) for x in (v, w))  # float noise into lr-sized steps; q and v only
+            assert torch.allclose(v, w, atol=5e-5), (part, k)
+
+
+def test_accumulated_steps_equal_one_big_batch(tmp_path):
+    """2 micro-batches of 2 against one batch of 4, 3 steps through main: every loss term (MLM over the step's count,
+    the distillation against the centre, which the targets of both micro-batches moved), the student, the teacher and
+    the centre."""
+    flags = RUN + ['--steps', '3', '--warmup-teacher-temp-steps', '2', '--time-steps', '0']
+    maskclip.main(flags + ['--out', str(tmp_path / 'one')])
+    maskclip.main(flags + ['--batch-size', '2', '--accum-freq', '2', '--out', str(tmp_path / 'acc')])
+    one, acc = ([r for r in read_log(tmp_path / d) if 'loss' in r] for d in ('one', 'acc'))
+    for a, b in zip(one, acc):
+        for k in ('loss', 'clip_loss', 'distill_loss', 'mlm_loss'):
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (k, a, b)
+    a, b = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('one', 'acc'))
+    assert torch.allclose(a['center'], b['center'], atol=1e-6) and a['center'].abs().sum() > 0
+    for part in ('model', 'teacher'):
+        for k, v in a[part].items():
+            w = b[part][k]
+            if k.endswith('attn.in_proj_bias'):  # as in the 2-process test: q and v only
+                v, w = (torch.cat(x.chunk(3)[::2]) for x in (v, w))
             assert torch.allclose(v, w, atol=5e-5), (part, k)
 
 
@@ -476,8 +520,11 @@ def test_smoke_run_learns(learned_run):
     assert all(os.path.exists(os.path.join(learned_run, f)) for f in ('args.json', 'ckpt.pt', 'open_clip'))
 
 
-def test_exact_resume_including_the_teacher(tmp_path, monkeypatch):
-    lr_at = common.lr_at
+@pytest.mark.parametrize('accum', ['1', '2'])
+def test_exact_resume_including_the_teacher(tmp_path, monkeypatch, accum):
+    """Interrupted after step 3, resumed: the same log, student, teacher and centre, bit for bit; also with 2
+    micro-batches per step."""
+    lr_at, run = common.lr_at, RUN + ['--steps', '4', '--time-steps', '0', '--accum-freq', accum]
 
     def interrupt_at_step_2(step, *args):
         if step == 2:
@@ -485,17 +532,35 @@ def test_exact_resume_including_the_teacher(tmp_path, monkeypatch):
         return lr_at(step, *args)
 
     full_run, resumed = str(tmp_path / 'full'), str(tmp_path / 'resumed')
-    assert maskclip.main(RUN + ['--steps', '4', '--time-steps', '0', '--out', full_run]) == 4
+    assert maskclip.main(run + ['--out', full_run]) == 4
     monkeypatch.setattr(common, 'lr_at', interrupt_at_step_2)
-    assert maskclip.main(RUN + ['--steps', '4', '--time-steps', '0', '--out', resumed]) == 3
+    assert maskclip.main(run + ['--out', resumed]) == 3
     monkeypatch.setattr(common, 'lr_at', lr_at)
-    assert maskclip.main(RUN + ['--steps', '4', '--time-steps', '0', '--out', resumed]) == 4
-    drop = lambda r: {k: v for k, v in r.items() if k != 'samples_per_sec'}
+    assert maskclip.main(run + ['--out', resumed]) == 4
+    timing = ('samples_per_sec', 'data_seconds', 'compute_seconds')
+    drop = lambda r: {k: v for k, v in r.items() if k not in timing}
     assert [drop(r) for r in read_log(resumed)] == [drop(r) for r in read_log(full_run)]
     a, b = (torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True) for d in (full_run, resumed))
     for part in ('model', 'teacher'):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items())
     assert torch.equal(a['center'], b['center']) and a['center'].abs().sum() > 0
+
+
+def test_teacher_starts_from_the_pretrained_clip(learned_run, tmp_path, monkeypatch):
+    """--pretrained loads the CLIP before the EMA teacher is copied from it: the teacher's image tower starts as the
+    pretrained one (here the learned run's student), not as the random initialisation."""
+    first, ema_update = {}, maskclip.ema_update
+
+    def spy(teacher, student, momentum):
+        first.setdefault('visual', {k: v.clone() for k, v in teacher['visual'].state_dict().items()})
+        ema_update(teacher, student, momentum)
+    monkeypatch.setattr(maskclip, 'ema_update', spy)
+    maskclip.main(RUN + ['--steps', '1', '--time-steps', '0', '--pretrained', os.path.join(learned_run, 'ckpt.pt'),
+                         '--out', str(tmp_path)])
+    pretrained = torch.load(os.path.join(learned_run, 'ckpt.pt'), weights_only=True)['model']
+    random = student().clip.visual.state_dict()
+    assert all(torch.equal(v, pretrained[f'clip.visual.{k}']) for k, v in first['visual'].items())
+    assert not torch.equal(first['visual']['proj'], random['proj'])
 
 
 def test_export_round_trip(learned_run):
