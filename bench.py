@@ -41,7 +41,6 @@ Outputs in --out (default bench/): speed-<model>-<device>.{json,md}; quality.{js
 loader-<size>px-<W>x<H>.{json,md}.
 """
 import argparse
-import contextlib
 import copy
 import ctypes
 import io
@@ -917,7 +916,7 @@ def gpu(args, device):
             torch.manual_seed(0)
             model, loss_fn, _ = STEPS[step_name](args.model, args.batch_size, device)
             with common.autocast(device, args.precision):
-                flops = count_flops(lambda: loss_fn().backward())
+                flops = count_flops(lambda fn=loss_fn: fn().backward())
             del model, loss_fn
             for mode in modes:
                 torch._dynamo.reset()

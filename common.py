@@ -401,11 +401,6 @@ def mean_over_ranks(x):
     return x.item() / world_size()
 
 
-def step_generator(device, seed, rank, step):
-    """A generator on `device` for a step's random masks: a pure function of (seed, rank, step), so resume is exact."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + rank) * 1_000_033 + step)
-
-
 def batch_generator(device, seed, step):
     """A generator on `device` for the random choices of the whole global batch at `step` (masks, MLM positions): a
     pure function of (seed, step). Every rank draws for all rows of the global batch and takes its micro-batches'
