@@ -903,8 +903,8 @@ def chance_levels(tasks, retrieval, ks=(1, 5, 10)):
         image_of = s.get('image_of')
         per_image = torch.bincount(image_of, minlength=n_img).tolist() if image_of is not None else [1] * n_img
         for k in ks:
-            out[f'{name}/image_to_text_R@{k}'] = sum(1 - math.comb(n_txt - c, k) / math.comb(n_txt, k)
-                                                     for c in per_image) / n_img
+            out[f'{name}/image_to_text_R@{k}'] = sum(1 - math.comb(n_txt - c, k) / math.comb(n_txt, k) if k <= n_txt
+                                                     else 1.0 for c in per_image) / n_img
             out[f'{name}/text_to_image_R@{k}'] = min(1.0, k / n_img)
     return out
 

@@ -10,13 +10,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import data  # noqa: E402
 
 
 def first_step_grads(module, argv):
     """module.main(argv), returning the gradients the first optimizer step saw (in param_groups order), and the log.
-    The evaluation at the end is skipped: it is most of the run's time (a minute for uta's student and teacher on a
+    The evaluation sets and the evaluation at the end are skipped: they are most of the run's time (a minute for uta's student and teacher on a
     loaded CPU) and not under test."""
-    grads, real, evaluate = [], torch.optim.AdamW.step, common.evaluate
+    grads, real, evaluate, eval_sets = [], torch.optim.AdamW.step, common.evaluate, data.eval_sets
 
     def step(self, *args, **kwargs):
         if not grads:
@@ -24,11 +25,11 @@ def first_step_grads(module, argv):
                          for g in self.param_groups for p in g['params'])
         return real(self, *args, **kwargs)
     torch.optim.AdamW.step = step
-    common.evaluate = lambda *args, **kwargs: {}
+    common.evaluate, data.eval_sets = lambda *args, **kwargs: {}, lambda *args, **kwargs: ({}, None)
     try:
         module.main(argv)
     finally:
-        torch.optim.AdamW.step, common.evaluate = real, evaluate
+        torch.optim.AdamW.step, common.evaluate, data.eval_sets = real, evaluate, eval_sets
     out = argv[argv.index('--out') + 1]
     with open(os.path.join(out, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
