@@ -240,6 +240,8 @@ def add_common_args(p):
                    "alternatives); json:FIELD reads FIELD of the .json member")
     g.add_argument('--train-num-samples', type=int, default=None, help='samples per epoch (needed for webdataset '
                    'without --steps; synthetic: dataset size, default 100000)')
+    g.add_argument('--synthetic-group-size', type=int, default=4, help='synthetic data: consecutive samples come in '
+                   'groups of this many scenes that differ in one attribute (hard negatives; 1: independent scenes)')
     g.add_argument('--imagenet-val', default=None, help='ImageNet val folder (ImageFolder layout) for zero-shot')
     g.add_argument('--zeroshot-folder', default=None, help='any ImageFolder; class name = folder name, _ as space')
     g.add_argument('--zeroshot-templates', default='openai', choices=['openai', 'flip'], help="prompts for "

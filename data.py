@@ -33,6 +33,10 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 # -----------------------------------------------------------------------------
 # The embedded synthetic dataset: coloured shapes at named positions, captioned in varied words.
 # Held-out (colour, shape) pairs never occur in training, so zero-shot accuracy on them measures generalisation.
+# Training scenes come in hard-negative groups (--synthetic-group-size, consecutive in every batch): with independent
+# scenes, the colours alone tell almost every caption in a batch from the others, and a contrastive model never needs
+# shape or position (feature suppression); captions that differ in one attribute only make each attribute necessary.
+# Objects are larger than in the first version, unrotated and one per scene: the README says what each change gave.
 
 SHAPES = ['circle', 'square', 'triangle', 'star', 'cross', 'diamond', 'ring', 'crescent']
 COLOURS = {'red': (215, 40, 40), 'green': (40, 165, 60), 'blue': (45, 80, 220), 'yellow': (235, 205, 40),
@@ -43,7 +47,9 @@ POSITIONS = ['top left', 'top', 'top right', 'left', 'center', 'right', 'bottom 
 WHERE = {'top left': 'in the top left', 'top': 'at the top', 'top right': 'in the top right',
          'left': 'on the left', 'center': 'in the center', 'right': 'on the right',
          'bottom left': 'in the bottom left', 'bottom': 'at the bottom', 'bottom right': 'in the bottom right'}
-SIZES = {'small': 0.12, 'large': 0.18}  # object radius as a fraction of the image side
+SIZES = {'small': 0.2, 'large': 0.28}  # object radius as a fraction of the image side (was 0.12 / 0.18)
+ROTATE = False  # draw each object at a random angle (was True)
+OBJECTS = [1]  # objects per scene, one drawn at random (was [1, 2]: captions joined by 'and')
 SIZE_WORDS = {'small': ['small', 'little', 'tiny'], 'large': ['large', 'big', 'huge']}
 TEMPLATES = ['a {size} {colour} {shape} {where}', 'a photo of a {colour} {shape} {where}',
              '{where}, a {size} {colour} {shape}', 'there is a {size} {colour} {shape} {where}',
@@ -97,7 +103,7 @@ def render_scene(objects, size, rng):
         cy = (row + .5 + rng.uniform(-.15, .15)) * s / 3
         r = SIZES[obj['size']] * s * rng.uniform(.85, 1.15)
         mask = Image.new('L', (s, s), 0)
-        _shape_mask(ImageDraw.Draw(mask), obj['shape'], cx, cy, r, rng.uniform(0, 2 * math.pi))
+        _shape_mask(ImageDraw.Draw(mask), obj['shape'], cx, cy, r, rng.uniform(0, 2 * math.pi) if ROTATE else 0.0)
         colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[obj['colour']])
         canvas.paste(colour, (0, 0, s, s), mask)
     image = np.asarray(canvas.resize((size, size), Image.BILINEAR), dtype=np.int16)
@@ -114,8 +120,9 @@ def describe(obj, rng=None, templates=TEMPLATES):
 
 
 def sample_scene(rng, train, n_objects=None):
-    """A random scene: 1 or 2 objects in distinct cells; training scenes never contain a held-out pair."""
-    n = n_objects or rng.choice([1, 2])
+    """A random scene: n_objects (default: one of OBJECTS) objects in distinct cells; training scenes never contain a
+    held-out pair."""
+    n = n_objects or rng.choice(OBJECTS)
     objects = []
     for position in rng.sample(POSITIONS, n):
         while True:
@@ -126,6 +133,29 @@ def sample_scene(rng, train, n_objects=None):
     return objects
 
 
+# What a hard-negative group varies, and how often: the attributes a batch of random scenes lets colour stand in for.
+# Size is not varied (two values only) and stays caption noise.
+GROUP_VARIES = {'shape': 0.4, 'position': 0.4, 'colour': 0.2}
+MAX_GROUP = 7  # a colour has 7 training shapes (and a shape 7 training colours)
+
+
+def sample_group(rng, train, size, n_objects=None):
+    """`size` scenes that are one random scene with one attribute of one of its objects changed (GROUP_VARIES), each
+    member a different value of it: captions of a group differ in that attribute's words only, so telling them apart
+    takes that attribute (hard negatives). Training groups never contain a held-out pair."""
+    base = sample_scene(rng, train, n_objects)
+    k = rng.randrange(len(base))
+    attribute = rng.choices(list(GROUP_VARIES), weights=list(GROUP_VARIES.values()))[0]
+    obj, others = base[k], [o for j, o in enumerate(base) if j != k]
+    if attribute == 'shape':
+        values = [s for s in SHAPES if not (train and is_heldout(obj['colour'], s))]
+    elif attribute == 'colour':
+        values = [c for c in COLOUR_NAMES if not (train and is_heldout(c, obj['shape']))]
+    else:
+        values = [p for p in POSITIONS if p not in {o['position'] for o in others}]
+    return [base[:k] + [dict(obj, **{attribute: v})] + base[k + 1:] for v in rng.sample(values, size)]
+
+
 def caption(objects, rng=None):
     if len(objects) == 1:
         return describe(objects[0], rng)
@@ -133,17 +163,30 @@ def caption(objects, rng=None):
 
 
 class SyntheticShapes(Dataset):
-    """Item i is a deterministic function of (seed, split, i): a rendered scene and a caption."""
+    """Item i is a deterministic function of (seed, split, i): a rendered scene and a caption. With group > 1, items
+    g * group ... g * group + group - 1 are a hard-negative group (sample_group, drawn from (seed, split, g)); each
+    member's rendering (jitter, rotation, background, noise) and caption wording are its own (seed, split, i)."""
 
-    def __init__(self, size, seed, split='train', length=100_000, n_objects=None):
+    def __init__(self, size, seed, split='train', length=100_000, n_objects=None, group=1):
+        if not 1 <= group <= MAX_GROUP:
+            raise DataError(f'--synthetic-group-size must be 1 to {MAX_GROUP} (a colour has {MAX_GROUP} training '
+                            f'shapes), got {group}')
+        if length < group:
+            raise DataError(f'--train-num-samples {length} is fewer than one group of --synthetic-group-size {group}')
         self.size, self.seed, self.split, self.length, self.n_objects = size, seed, split, length, n_objects
+        self.group = group
 
     def __len__(self):
         return self.length
 
     def scene(self, i):
         rng = random.Random(f'{self.seed}-{self.split}-{i}')  # str seeds are hashed with sha512: stable
-        objects = sample_scene(rng, self.split == 'train', self.n_objects)
+        if self.group == 1:
+            objects = sample_scene(rng, self.split == 'train', self.n_objects)
+        else:
+            g, j = divmod(i, self.group)
+            group_rng = random.Random(f'{self.seed}-{self.split}-group{self.group}-{g}')
+            objects = sample_group(group_rng, self.split == 'train', self.group, self.n_objects)[j]
         return objects, render_scene(objects, self.size, rng), rng
 
     def __getitem__(self, i):
@@ -151,7 +194,7 @@ class SyntheticShapes(Dataset):
         return image, caption(objects, rng if self.split == 'train' else None)
 
 
-def synthetic_eval_sets(size, seed, transform, n_zeroshot=1200, n_retrieval=500):
+def synthetic_eval_sets(size, seed, transform, n_zeroshot=3000, n_retrieval=1000):
     """Held-out images (a split no training index reaches) for zero-shot tasks and retrieval.
     Zero-shot tasks use single-object images over all 64 (colour, shape) pairs; 'object_heldout' scores only the
     images whose pair never occurred in training. Prompts are ensembles over the other attributes, as in CLIP's
@@ -296,20 +339,22 @@ class Samples(Dataset):
 class StepSampler:
     """Yields, for each step from `start_step` on, this rank's K = accum_freq micro-batches of the global batch as
     (index, position) keys. Micro-batch k of rank r holds positions p = step * G + (r * K + k) * B + j, G = world * K * B
-    the global batch; index = permutation(seed, epoch)[p mod n]. So a sample, and its augmentation, depend on its
-    position in the global batch only: any split of the same global batch into ranks x micro-batches reads the same."""
+    the global batch; index = permutation(seed, epoch)[p mod n], a permutation of whole groups of `group` consecutive
+    items (the synthetic data's hard-negative groups stay together, at consecutive positions). So a sample, and its
+    augmentation, depend on its position in the global batch only: any split of the same global batch into ranks x
+    micro-batches reads the same."""
 
-    def __init__(self, n, batch_size, rank, world, seed, start_step=0, accum_freq=1):
-        self.n, self.B, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start_step
-        self.K = accum_freq
+    def __init__(self, n, batch_size, rank, world, seed, start_step=0, accum_freq=1, group=1):
+        self.B, self.rank, self.world, self.seed, self.start = batch_size, rank, world, seed, start_step
+        self.K, self.group, self.n = accum_freq, group, n // group * group
         self._perm = (None, None)
 
     def index(self, p):
         epoch, i = divmod(p, self.n)
         if self._perm[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g).tolist())
-        return self._perm[1][i]
+            self._perm = (epoch, torch.randperm(self.n // self.group, generator=g).tolist())
+        return self._perm[1][i // self.group] * self.group + i % self.group
 
     def __iter__(self):
         step = self.start
@@ -567,7 +612,8 @@ def train_loader(args, transform, tokenizer, image_size, rank, world, start_step
         loader = DataLoader(ds, batch_size=args.batch_size, generator=g, **common)
         return Loader(loader), args.train_num_samples
     if kind == 'synthetic':
-        base = SyntheticShapes(image_size, args.seed, 'train', args.train_num_samples or 100_000)
+        base = SyntheticShapes(image_size, args.seed, 'train', args.train_num_samples or 100_000,
+                               group=args.synthetic_group_size)
     elif kind == 'csv':
         if args.train_data is None:
             raise DataError('--dataset-type csv needs --train-data')
@@ -577,7 +623,8 @@ def train_loader(args, transform, tokenizer, image_size, rank, world, start_step
                         "uta.py's alignment stage trains on; give a CSV or WebDataset shards with captions")
     else:
         raise DataError(f'unknown --dataset-type {kind}')
-    sampler = StepSampler(len(base), args.batch_size, rank, world, args.seed, start_step, args.accum_freq)
+    sampler = StepSampler(len(base), args.batch_size, rank, world, args.seed, start_step, args.accum_freq,
+                          getattr(base, 'group', 1))
     loader = DataLoader(Samples(base, transform, tokenizer, args.seed), batch_sampler=sampler, **common)
     return Loader(loader), len(base)
 

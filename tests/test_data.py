@@ -4,6 +4,7 @@ import argparse
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -27,7 +28,7 @@ def args(**kw):
     a = argparse.Namespace(train_data=None, dataset_type='auto', csv_img_key='filepath', csv_caption_key='title',
                            csv_separator='\t', train_num_samples=None, workers=0, batch_size=4, seed=0,
                            imagenet_val=None, zeroshot_folder=None, accum_freq=1, wds_image_key='jpg;png;jpeg;webp',
-                           wds_caption_key='txt', val_data=None, zeroshot_templates='openai')
+                           wds_caption_key='txt', val_data=None, zeroshot_templates='openai', synthetic_group_size=4)
     vars(a).update(kw)
     return a
 
@@ -72,6 +73,49 @@ def test_step_sampler_global_batch_and_resume():
     assert next(resumed) == next(fresh)
     epoch = [index for index, _ in next(iter(data.StepSampler(50, 50, 0, 1, seed=3)))]
     assert sorted(epoch) == list(range(50))
+
+
+def test_hard_negative_groups_differ_in_one_attribute():
+    """--synthetic-group-size G: items g*G ... g*G + G - 1 are one scene with one attribute of one object changed, a
+    different value in each member, no held-out pair in training; each member is rendered and worded on its own."""
+    G = 4
+    d = data.SyntheticShapes(64, 0, group=G)
+    varied = {'shape': 0, 'position': 0, 'colour': 0}
+    for g in range(300):
+        members = [d.scene(g * G + j)[0] for j in range(G)]
+        assert len({len(m) for m in members}) == 1
+        diffs = {(k, a) for m in members[1:] for k, (o, o0) in enumerate(zip(m, members[0]))
+                 for a in ('colour', 'shape', 'position', 'size') if o[a] != o0[a]}
+        assert len(diffs) == 1, diffs  # one attribute of one object, the same in the whole group
+        (k, a), = diffs
+        assert len({m[k][a] for m in members}) == G  # every member a different value
+        assert all(len({o['position'] for o in m}) == len(m) for m in members)  # objects stay in distinct cells
+        assert not any(data.is_heldout(o['colour'], o['shape']) for m in members for o in m)
+        varied[a] += 1
+    assert all(n > 30 for n in varied.values()), varied  # shape, position and colour groups all occur
+    assert d[0][1] != d[1][1] and data.SyntheticShapes(64, 0, group=G)[5][1] == d[5][1]
+    assert data.SyntheticShapes(64, 0).scene(5)[0] == data.sample_scene(random.Random('0-train-5'), True)  # G = 1: as before
+    with pytest.raises(data.DataError, match='--synthetic-group-size'):
+        data.SyntheticShapes(64, 0, group=data.MAX_GROUP + 1)
+
+
+def test_step_sampler_keeps_groups_together():
+    """With group G the permutation moves whole groups: every G-aligned run of positions is one group, in order,
+    also across epochs, ranks and micro-batches (2 ranks x K = 2 read what 1 rank x K = 4 reads)."""
+    G, n = 4, 40
+    one = iter(data.StepSampler(n, 8, 0, 1, seed=3, accum_freq=4, group=G))
+    r = [iter(data.StepSampler(n, 8, rank, 2, seed=3, accum_freq=2, group=G)) for rank in range(2)]
+    seen = []
+    for _ in range(12):  # 32 samples a step: epochs of 40 end inside steps
+        keys = [k for _ in range(4) for k in next(one)]
+        assert keys == [k for it in r for _ in range(2) for k in next(it)]
+        for i in range(0, len(keys), G):
+            first = keys[i][0]
+            assert first % G == 0 and [k[0] for k in keys[i:i + G]] == list(range(first, first + G))
+        seen += [k[0] for k in keys]
+    assert sorted(seen[:n]) == list(range(n))  # an epoch is every item once
+    assert [k for k, _ in next(iter(data.StepSampler(50, 50, 0, 1, seed=3)))] == \
+        [k for k, _ in next(iter(data.StepSampler(50, 50, 0, 1, seed=3, group=1)))]
 
 
 def write_csv(tmp_path, rows, header='filepath\ttitle'):

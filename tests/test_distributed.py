@@ -28,10 +28,10 @@ def test_ddp_gradients_equal_single_process(tmp_path):
 
 def test_two_process_run_matches_one_process_run(tmp_path):
     """flip.py itself: 2 x 4 samples per step under torchrun == 1 x 8 samples, step after step (mask ratio 0, so
-    the per-rank mask streams do not enter)."""
+    no masks enter)."""
     args = ['--steps', '3', '--workers', '0', '--log-every', '1', '--mask-ratio', '0']
     sh([sys.executable, 'flip.py', '--batch-size', '8', '--out', str(tmp_path / 'one')] + args)
     sh(TORCHRUN + ['flip.py', '--batch-size', '4', '--out', str(tmp_path / 'two')] + args)
     read = lambda d: [json.loads(l)['loss'] for l in open(tmp_path / d / 'log.jsonl') if '"loss"' in l]
-    assert read('one') == pytest.approx(read('two'), abs=1e-5)
+    assert read('one') == pytest.approx(read('two'), rel=1e-5)  # fp32 reduction order, amplified by Adam's first steps
     assert len(read('one')) == 3

@@ -253,6 +253,8 @@ def test_bad_path_is_one_line_and_exit_2(tmp_path):
     (['--grad-clip-norm', '0'], '--grad-clip-norm'),
     (['--pretrained', 'no-such-tag'], '--pretrained'),
     (['--pretrained', 'local-dir:/no/such/dir'], '--pretrained'),
+    (['--synthetic-group-size', '8'], '--synthetic-group-size'),
+    (['--synthetic-group-size', '0'], '--synthetic-group-size'),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -25,7 +25,7 @@ BASE = ['--batch-size', '8', '--workers', '0', '--log-every', '1']
 
 @pytest.fixture(autouse=True)
 def small_eval_sets(monkeypatch):
-    """Smaller held-out sets than the default 1200 + 500 images: these tests check plumbing, not accuracy."""
+    """Smaller held-out sets than the tests' 1200 + 500 images: these tests check plumbing, not accuracy."""
     real = data.synthetic_eval_sets
     monkeypatch.setattr(data, 'synthetic_eval_sets', lambda size, seed, tf: real(size, seed, tf, 48, 24))
 
