@@ -450,8 +450,10 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
     ('UniCLIP: per-domain-pair similarity helps, one part alone: image-image tau from 0.1 (vs 0.07; our init)',
      'uniclip', 'uniclip-same-tau-init', 'beats'),
 ]
-MEASURES = ['zeroshot/object', 'zeroshot/shape', 'retrieval/image_to_text_R@1']  # what a claim is judged on
-EVAL_SIZE = {'zeroshot/object': 1200, 'zeroshot/shape': 1200, 'retrieval/image_to_text_R@1': 500}  # data.py's sets
+MEASURES = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/position', 'retrieval/image_to_text_R@1']  # a claim's
+EVAL_SIZE = {'zeroshot/object': 3000, 'zeroshot/shape': 3000, 'zeroshot/position': 3000,  # data.py's sets
+             'retrieval/image_to_text_R@1': 1000}
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided 95% t, by dof
 TASKS = ['zeroshot/shape', 'zeroshot/colour', 'zeroshot/position', 'zeroshot/object', 'zeroshot/object_heldout',
          'retrieval/image_to_text_R@1', 'retrieval/text_to_image_R@1']
 
@@ -517,13 +519,15 @@ def quality(args):
 
 
 def summarise(runs, methods):
-    """Per method: mean and spread (half the max - min over seeds) of each task at the final step."""
+    """Per method: mean and spread (half the max - min over seeds) of each task at the final step, and each seed's
+    final values (for the paired comparisons)."""
     table = {}
     for name in methods:
-        finals = [r['evals'][-1] for r in runs.values() if r['method'] == name]
-        secs = [r['train_seconds'] for r in runs.values() if r['method'] == name]
-        steps = [r['steps'] for r in runs.values() if r['method'] == name]
-        row = {'steps': statistics.mean(steps), 'train_seconds': statistics.mean(secs), 'seeds': len(finals)}
+        mine = [r for r in runs.values() if r['method'] == name]
+        finals = [r['evals'][-1] for r in mine]
+        row = {'steps': statistics.mean(r['steps'] for r in mine), 'seeds': len(finals),
+               'train_seconds': statistics.mean(r['train_seconds'] for r in mine),
+               'per_seed': {r['seed']: {t: r['evals'][-1][t] for t in TASKS if t in r['evals'][-1]} for r in mine}}
         for task in TASKS:
             vals = [f[task] for f in finals if task in f]
             if vals:
@@ -532,7 +536,7 @@ def summarise(runs, methods):
     return table
 
 
-def quality_report(args, table):
+def quality_report(args, table, runs):
     short = [t.split('/')[1].replace('image_to_text_R@1', 'i→t R@1').replace('text_to_image_R@1', 't→i R@1')
              for t in TASKS]
     lines = [f'Same budget, `python bench.py quality --steps {args.steps} --batch-size {args.batch_size} --seeds '
@@ -542,35 +546,76 @@ def quality_report(args, table):
     for name, row in table.items():
         cells = [f'{100 * row[t][0]:.1f} ± {100 * row[t][1]:.1f}' if t in row else '—' for t in TASKS]
         lines.append(f"| {name} | {row['steps']:.0f} | {row['train_seconds']:.0f} | " + ' | '.join(cells) + ' |')
-    lines += ['', "| paper's claim | ours, method vs baseline: object; shape; i→t R@1 | verdict |", '|---|---|---|']
+    lines += ['', "| paper's claim | method vs baseline (difference, smallest detectable): object; shape; position; "
+              "i→t R@1 | verdict |", '|---|---|---|']
     for claim, a, b, kind in CLAIMS:
         if a in table and b in table:
-            cells = [f'{100 * table[a][t][0]:.1f} vs {100 * table[b][t][0]:.1f} {sign(table[a][t], table[b][t], t)}'
-                     for t in MEASURES]
+            cells = []
+            for t in MEASURES:
+                diff, detectable = paired(table[a], table[b], t)
+                cells.append(f'{100 * table[a][t][0]:.1f} vs {100 * table[b][t][0]:.1f} ({100 * diff:+.1f}' +
+                             (f', {100 * detectable:.1f}) {sign(table[a], table[b], t)}' if detectable else ')'))
             lines.append(f'| {claim} | {"; ".join(cells)} | {verdict(table[a], table[b], kind)} |')
-    lines += ['', '↑ / ↓: ahead / behind by more than the noise: the two seed spreads added plus one standard error of '
-              'the difference from the finite evaluation set (binomial; 1200 images, 500 captions); ≈: within it. '
-              'Verdict: "beats" claims are reproduced when ahead on at least two measures and behind on none; '
-              '"matches" claims when behind on none. Few seeds make the spread itself uncertain: read verdicts as what '
-              'these runs show, not as significance tests.']
+    lines += ['', '(difference, smallest detectable): the mean over seeds of the per-seed difference, method minus '
+              'baseline (same seed: same data order and initialisation), and the smallest difference these runs could '
+              "tell from zero: the 95% interval of that mean (Student's t over the seeds, n - 1 degrees of freedom) "
+              'combined with two standard errors of the difference from the finite evaluation set (binomial, '
+              f'{EVAL_SIZE["zeroshot/object"]} images, {EVAL_SIZE["retrieval/image_to_text_R@1"]} captions). '
+              '↑ / ↓: ahead / behind by more than that; ≈: within it. Verdict: "beats" claims are reproduced when ahead '
+              'on at least two measures and behind on none; "matches" claims when behind on none.']
+    lines += curve_report(runs)
     return '\n'.join(lines) + '\n'
 
 
+def curve_report(runs, methods=('clip', 'flip50', 'flip75'), tasks=('zeroshot/object', 'zeroshot/shape',
+                                                                    'zeroshot/position', 'retrieval/image_to_text_R@1')):
+    """FLIP's Figure 1 at this scale: accuracy against training seconds for CLIP and FLIP at each evaluation, means over
+    seeds (x: the step times the method's median step time)."""
+    lines = []
+    for name in methods:
+        mine = [r for r in runs.values() if r['method'] == name]
+        if not mine:
+            continue
+        if not lines:
+            lines = ['', 'Accuracy against training time (FLIP\'s Figure 1 at this scale; means over seeds, in %):', '',
+                     '| method | step | train s | ' + ' | '.join(t.split('/')[1] for t in tasks) + ' |',
+                     '|---|---|---|' + '---|' * len(tasks)]
+        step_s = statistics.mean(r['step_seconds'] for r in mine)
+        for i, e in enumerate(mine[0]['evals']):
+            cells = [f"{100 * statistics.mean(r['evals'][i][t] for r in mine):.1f}" for t in tasks]
+            lines.append(f"| {name} | {e['step']} | {e['step'] * step_s:.0f} | " + ' | '.join(cells) + ' |')
+    return lines
+
+
+def paired(a, b, task):
+    """Method row a against baseline row b on `task`, paired by seed -> (mean difference, smallest detectable
+    difference, None with fewer than 2 common seeds). The per-seed differences carry the seed noise of this comparison
+    (same seed: same data order and initialisation); t(95%, n - 1) x their standard error is combined in quadrature
+    with 2 standard errors of the difference from the evaluation set (binomial and unpaired: an upper bound, as the
+    per-image results are not kept)."""
+    seeds = sorted(set(a['per_seed']) & set(b['per_seed']), key=str)
+    d = [a['per_seed'][s][task] - b['per_seed'][s][task] for s in seeds]
+    if len(d) < 2:
+        return (d[0] if d else a[task][0] - b[task][0]), None
+    pa, pb = a[task][0], b[task][0]
+    seed_part = T95[min(len(d) - 1, max(T95))] * statistics.stdev(d) / math.sqrt(len(d))
+    eval_part = 2 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / EVAL_SIZE[task])
+    return statistics.mean(d), math.hypot(seed_part, eval_part)
+
+
 def sign(a, b, task):
-    """(mean, spread) of method and baseline on `task` -> ↑, ↓ or ≈: is the gap larger than the seeds' spreads plus
-    the evaluation set's own sampling error (binomial, EVAL_SIZE[task] items)?"""
-    (pa, sa), (pb, sb) = a, b
-    noise = sa + sb + math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / EVAL_SIZE[task])
-    return '↑' if pa - pb > noise else '↓' if pa - pb < -noise else '≈'
+    """Method and baseline rows on `task` -> ↑, ↓ or ≈: is the paired difference beyond the smallest detectable?"""
+    diff, detectable = paired(a, b, task)
+    return '↑' if diff > detectable else '↓' if diff < -detectable else '≈'
 
 
 def verdict(a, b, kind):
-    if kind != 'teacher' and min(a['seeds'], b['seeds']) < 2:
-        return 'n/a (one seed: no spread to judge by)'
     if kind == 'teacher':  # "about the teacher": within 10% on the 64-way zero-shot task
         ratio = a['zeroshot/object'][0] / max(b['zeroshot/object'][0], 1e-9)
         return f'{"reproduced" if ratio >= 0.9 else "not reproduced"} (student / teacher {ratio:.2f})'
-    signs = [sign(a[t], b[t], t) for t in MEASURES]
+    if len(set(a['per_seed']) & set(b['per_seed'])) < 2:
+        return 'n/a (fewer than two common seeds: nothing to judge the noise by)'
+    signs = [sign(a, b, t) for t in MEASURES]
     if kind == 'matches':
         return 'reproduced' if '↓' not in signs else 'not reproduced'
     if signs.count('↑') >= 2 and '↓' not in signs:
@@ -580,14 +625,15 @@ def verdict(a, b, kind):
     return 'not reproduced'
 
 
-def plot(args, runs, path):
+def plot(args, runs, path, methods=None):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    panels = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/object_heldout', 'retrieval/image_to_text_R@1']
+    panels = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/position', 'zeroshot/object_heldout',
+              'retrieval/image_to_text_R@1']
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     colours = plt.get_cmap('tab20')
-    for k, name in enumerate(args.methods):
+    for k, name in enumerate(methods or args.methods):
         seeds = [r for r in runs.values() if r['method'] == name]
         steps = [e['step'] for e in seeds[0]['evals']]
         x = [s * statistics.mean(r['step_seconds'] for r in seeds) for s in steps]
@@ -992,7 +1038,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('mode', choices=['speed', 'quality', 'loader', 'accum', 'gpu'])
     p.add_argument('--model', default='tiny', help='tiny, or an open_clip ViT config name such as ViT-B-16')
-    p.add_argument('--batch-size', type=int, default=64, help='the same for every method')
+    p.add_argument('--batch-size', type=int, default=None, help='the same for every method (default: 128 for '
+                   'quality, the default-size run; 64 otherwise)')
     p.add_argument('--methods', nargs='+', default=None, help='default: all (speed: clip flip50 flip75 uta aclip '
                    'maskclip and two variants, uniclip; quality: also the A-CLIP masking ablation and the '
                    'UniCLIP ablations)')
@@ -1004,8 +1051,9 @@ def get_args(argv=None):
     g.add_argument('--system-malloc', action='store_true', help="on a CPU, time with glibc's default allocator "
                    'settings (big freed blocks go back to the OS) instead of keeping freed memory for reuse')
     g = p.add_argument_group('quality')
-    g.add_argument('--steps', type=int, default=400)
-    g.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    g.add_argument('--steps', type=int, default=560, help="CLIP's default-size run on the embedded data (about 5 "
+                   'minutes on 2 CPU cores): at 400 x 64 no data variant learned shape or position')
+    g.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     g.add_argument('--eval-every', type=int, default=100)
     g.add_argument('--lr', type=float, default=None, help='one peak learning rate for every run (default: each '
                    "method's own; all 1e-3 at tiny, but their rules differ at other sizes)")
@@ -1026,6 +1074,7 @@ def get_args(argv=None):
     g.add_argument('--workers', type=int, default=1, help='loader worker processes per pipeline (0: in the main one)')
     g.add_argument('--loader-batches', type=int, default=5, help='batches timed per pipeline and round')
     args = p.parse_args(argv)
+    args.batch_size = args.batch_size or (128 if args.mode == 'quality' else 64)
     if args.mode == 'loader':
         if min(args.batch_size, args.rounds, args.image_size, args.shards, args.shard_samples, args.loader_batches,
                *args.source_size) < 1 or args.workers < 0:
@@ -1117,9 +1166,12 @@ def main(argv=None):
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': device_name(default_device()), 'args': vars(args), 'summary': table,
                        'runs': runs}, f, indent=2)
-        report = quality_report(args, table)
+        report = quality_report(args, table, runs)
         if not args.no_plot:
             plot(args, runs, stem + '.png')
+            flips = [m for m in ('clip', 'flip50', 'flip75') if m in args.methods]
+            if len(flips) > 1:  # FLIP's Figure 1: CLIP and FLIP on one time axis
+                plot(args, runs, stem + '-flip.png', flips)
     with open(stem + '.md', 'w') as f:
         f.write(report)
     print(report)

@@ -89,21 +89,40 @@ def test_bad_input_exits_2(argv, message, capsys):
     assert exit_info.value.code == 2 and len(err) == 1 and message in err[0]
 
 
+def row(per_seed):
+    """A summary row as bench.summarise makes it, every measure at the given per-seed values."""
+    values = {s: {t: v for t in bench.MEASURES} for s, v in per_seed.items()}
+    row = {'per_seed': values, 'seeds': len(values)}
+    for t in bench.MEASURES:
+        vals = list(per_seed.values())
+        row[t] = (sum(vals) / len(vals), (max(vals) - min(vals)) / 2)
+    return row
+
+
 def test_verdicts():
-    """The claim table's rule: 'beats' needs two measures ahead beyond the spreads and none behind."""
-    high = dict({t: (0.30, 0.01) for t in bench.MEASURES}, seeds=2)
-    low = dict({t: (0.20, 0.01) for t in bench.MEASURES}, seeds=2)
-    mixed = dict(high, **{bench.MEASURES[0]: (0.10, 0.01)})
+    """The claim table's rule: paired by seed; 'beats' needs two measures ahead beyond the smallest detectable
+    difference and none behind."""
+    high, low = row({0: 0.30, 1: 0.31, 2: 0.29}), row({0: 0.20, 1: 0.21, 2: 0.19})
     assert bench.verdict(high, low, 'beats') == 'reproduced'
     assert bench.verdict(low, high, 'beats') == 'not reproduced'
-    assert bench.verdict(mixed, low, 'beats') == 'not reproduced'  # two ahead, but one behind
+    mixed = dict(high, per_seed={s: dict(v, **{bench.MEASURES[0]: 0.10}) for s, v in high['per_seed'].items()},
+                 **{bench.MEASURES[0]: (0.10, 0.0)})
+    assert bench.verdict(mixed, low, 'beats') == 'not reproduced'  # three ahead, but one behind
     assert bench.verdict(high, high, 'beats') == 'not reproduced: within noise'
     assert bench.verdict(high, high, 'matches') == 'reproduced' and bench.verdict(low, high, 'matches') == 'not reproduced'
     task = 'zeroshot/object'
-    assert bench.sign((0.25, 0.03), (0.20, 0.03), task) == '≈'  # a 5-point gap inside 6 points of spread
-    assert bench.sign((0.21, 0.0), (0.20, 0.0), task) == '≈'  # 1 point: inside the 1200-image set's sampling error
-    assert bench.sign((0.24, 0.0), (0.20, 0.0), task) == '↑'  # 4 points: outside it (1.7 points)
-    assert bench.verdict(dict(high, seeds=1), low, 'beats').startswith('n/a')  # one seed: no spread, no verdict
+    # paired: a 3-point gap that every seed shows is detected although each side's seed spread (3 points) is as large
+    a, b = row({0: 0.23, 1: 0.26, 2: 0.29}), row({0: 0.20, 1: 0.23, 2: 0.26})
+    diff, detectable = bench.paired(a, b, task)
+    # no seed noise left: what is detectable is the evaluation set's 2 standard errors (binomial, 3000 images)
+    assert diff == pytest.approx(0.03) and detectable == pytest.approx(2 * ((0.26 * 0.74 + 0.23 * 0.77) / 3000) ** 0.5)
+    assert bench.sign(a, b, task) == '↑'
+    # the same means, seeds disagreeing on the sign: t(95%, 2 dof) x their standard error swamps the gap
+    c = row({0: 0.16, 1: 0.27, 2: 0.26})
+    diff, detectable = bench.paired(a, c, task)
+    assert diff == pytest.approx(0.03) and detectable > 0.10 and bench.sign(a, c, task) == '≈'
+    assert bench.sign(row({0: 0.205, 1: 0.205}), row({0: 0.20, 1: 0.20}), task) == '≈'  # inside the set's sampling error
+    assert bench.verdict(row({0: 0.3}), low, 'beats').startswith('n/a')  # one common seed: no noise estimate
     teacher = {'zeroshot/object': (0.20, 0.0)}
     assert bench.verdict({'zeroshot/object': (0.19, 0.0)}, teacher, 'teacher').startswith('reproduced')
     assert bench.verdict({'zeroshot/object': (0.15, 0.0)}, teacher, 'teacher').startswith('not reproduced')
