@@ -450,7 +450,8 @@ CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'ma
     ('UniCLIP: per-domain-pair similarity helps, one part alone: image-image tau from 0.1 (vs 0.07; our init)',
      'uniclip', 'uniclip-same-tau-init', 'beats'),
 ]
-MEASURES = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/position', 'retrieval/image_to_text_R@1']  # a claim's
+# what a claim is judged on
+MEASURES = ['zeroshot/object', 'zeroshot/shape', 'zeroshot/position', 'retrieval/image_to_text_R@1']
 EVAL_SIZE = {'zeroshot/object': 3000, 'zeroshot/shape': 3000, 'zeroshot/position': 3000,  # data.py's sets
              'retrieval/image_to_text_R@1': 1000}
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # two-sided 95% t, by dof
