@@ -36,7 +36,8 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 # Training scenes come in hard-negative groups (--synthetic-group-size, consecutive in every batch): with independent
 # scenes, the colours alone tell almost every caption in a batch from the others, and a contrastive model never needs
 # shape or position (feature suppression); captions that differ in one attribute only make each attribute necessary.
-# Objects are larger than in the first version, unrotated and one per scene: the README says what each change gave.
+# Objects are larger than in the first version, unrotated, one per scene and nearer their cell's centre: the README
+# says what each change gave.
 
 SHAPES = ['circle', 'square', 'triangle', 'star', 'cross', 'diamond', 'ring', 'crescent']
 COLOURS = {'red': (215, 40, 40), 'green': (40, 165, 60), 'blue': (45, 80, 220), 'yellow': (235, 205, 40),
@@ -49,6 +50,7 @@ WHERE = {'top left': 'in the top left', 'top': 'at the top', 'top right': 'in th
          'bottom left': 'in the bottom left', 'bottom': 'at the bottom', 'bottom right': 'in the bottom right'}
 SIZES = {'small': 0.2, 'large': 0.28}  # object radius as a fraction of the image side (was 0.12 / 0.18)
 ROTATE = False  # draw each object at a random angle (was True)
+JITTER = 0.05  # how far (a fraction of a cell) an object's centre moves from its cell's centre (was 0.15)
 OBJECTS = [1]  # objects per scene, one drawn at random (was [1, 2]: captions joined by 'and')
 SIZE_WORDS = {'small': ['small', 'little', 'tiny'], 'large': ['large', 'big', 'huge']}
 TEMPLATES = ['a {size} {colour} {shape} {where}', 'a photo of a {colour} {shape} {where}',
@@ -99,8 +101,8 @@ def render_scene(objects, size, rng):
     canvas = Image.new('RGB', (s, s), bg)
     for obj in objects:
         row, col = divmod(POSITIONS.index(obj['position']), 3)
-        cx = (col + .5 + rng.uniform(-.15, .15)) * s / 3
-        cy = (row + .5 + rng.uniform(-.15, .15)) * s / 3
+        cx = (col + .5 + rng.uniform(-JITTER, JITTER)) * s / 3
+        cy = (row + .5 + rng.uniform(-JITTER, JITTER)) * s / 3
         r = SIZES[obj['size']] * s * rng.uniform(.85, 1.15)
         mask = Image.new('L', (s, s), 0)
         _shape_mask(ImageDraw.Draw(mask), obj['shape'], cx, cy, r, rng.uniform(0, 2 * math.pi) if ROTATE else 0.0)
