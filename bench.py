@@ -512,6 +512,10 @@ def quality(args):
                     print(f'error: {name} seed {seed} failed (exit {result.returncode}): {last}; its run is in {out}',
                           file=sys.stderr)
                     sys.exit(1)
+                if not os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json')):  # a signal stops at 0
+                    print(f'error: {name} seed {seed} stopped before its last step (a signal?); rerun this command to '
+                          f'resume it from {out}', file=sys.stderr)
+                    sys.exit(1)
                 wall = time.perf_counter() - t
             evals, step_s = read_run(out)
             runs[f'{name}-s{seed}'] = dict(method=name, seed=seed, steps=steps, evals=evals, step_seconds=step_s,

@@ -76,6 +76,17 @@ def test_quality_runs_and_reuses(tmp_path, capsys):
     refused('flip50-s0', {'mask_ratio': 0.75}, '--mask-ratio: 0.75 then, 0.5 now')
 
 
+def test_quality_stops_on_a_run_that_stopped_early(tmp_path, monkeypatch, capsys):
+    """A script stopped by SIGTERM checkpoints and exits 0: bench must not read its partial log as a finished run."""
+    monkeypatch.setattr(bench.subprocess, 'run', lambda cmd, **kw: bench.subprocess.CompletedProcess(cmd, 0, '', ''))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(['quality', '--steps', '2', '--batch-size', '8', '--seeds', '0', '--methods', 'clip', '--no-plot',
+                    '--runs', str(tmp_path / 'runs'), '--out', str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert 'clip seed 0 stopped before its last step' in capsys.readouterr().err
+    assert not (tmp_path / 'quality.json').exists()
+
+
 @pytest.mark.parametrize('argv, message', [
     (['speed', '--methods', 'nope'], 'unknown method'),
     (['quality', '--methods', 'uta'], 'add flip50'),
