@@ -121,6 +121,9 @@ def test_verdicts():
     assert bench.verdict(mixed, low, 'beats') == 'not reproduced'  # three ahead, but one behind
     assert bench.verdict(high, high, 'beats') == 'not reproduced: within noise'
     assert bench.verdict(high, high, 'matches') == 'reproduced' and bench.verdict(low, high, 'matches') == 'not reproduced'
+    # the student / teacher ratio is over the seeds both have: a student of seed 0 only is read against teacher 0
+    teacher, student = row({0: 0.40, 1: 0.30, 2: 0.30}), row({0: 0.32})
+    assert bench.verdict(student, teacher, 'teacher') == 'not reproduced (student / teacher 0.80)'
     task = 'zeroshot/object'
     # paired: a 3-point gap that every seed shows is detected although each side's seed spread (3 points) is as large
     a, b = row({0: 0.23, 1: 0.26, 2: 0.29}), row({0: 0.20, 1: 0.23, 2: 0.26})
