@@ -45,7 +45,7 @@ Where this differs from the official code (microsoft/A-CLIP), and why
   text tower (used only to evaluate the EMA model). OpenAI mean/std (open_clip's preprocessing for the export). The
   EMA steps after the optimizer (official: before the next forward; the same sequence).
 - CLS pooling for every --model (model_config below), as the official code: the score is the CLS query's attention,
-  which the CLIP loss aligns with the text only when CLS is the image embedding (`tiny` otherwise pools 'avg').
+  which the CLIP loss aligns with the text only when CLS is the image embedding (as `tiny` does; an 'avg' config would not).
 - One EMA pass gives both the scores and the BYOL target (cls_attention: explicit softmax for the CLS row, SDPA for
   the blocks), so the teacher costs one forward, as in the official code.
 

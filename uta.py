@@ -5,7 +5,7 @@ The official repository (jihaonew/UTA) has inference code only; this is training
 What this file implements
 - A frozen CLIP image encoder, the teacher, sees the full image (eval mode, no gradients, never updated). Its targets
   are every output token after its final norm and image projection, i.e. in CLIP space. The first target row is the
-  teacher's CLIP image embedding: its CLS token, or the patch mean for an 'avg'-pooled teacher (`tiny`). The teacher
+  teacher's CLIP image embedding: its CLS token (the patch mean for an 'avg'-pooled one). The teacher
   runs as open_clip builds it (open_clip.create_model), so any open_clip CLIP with a ViT image tower teaches:
   open_clip's own ViT (OpenAI, LAION, the exports of these scripts), whose tokens go through ln_post and proj, and timm
   trunks such as EVA02-B-16 and EVA02-L-14 (the paper's EVA-CLIP teachers), whose tokens go through the trunk's

@@ -274,7 +274,7 @@ def test_checkpoint_of_another_model_config_is_refused(tmp_path, capsys):
     """Same parameter shapes (CLS vs mean pooling), so only the saved config can tell: resume must refuse it."""
     run(tmp_path, '--steps', '1')
     state = common.load_checkpoint(tmp_path / 'ckpt.pt', common.model_config('tiny'))  # its own config loads
-    state['cfg']['vision_cfg']['pool_type'] = 'tok'
+    state['cfg']['vision_cfg']['pool_type'] = 'avg'
     common.save_checkpoint(tmp_path / 'ckpt.pt', state)
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, '--steps', '2')
