@@ -45,7 +45,8 @@ Where this differs from the official code (microsoft/A-CLIP), and why
   text tower (used only to evaluate the EMA model). OpenAI mean/std (open_clip's preprocessing for the export). The
   EMA steps after the optimizer (official: before the next forward; the same sequence).
 - CLS pooling for every --model (model_config below), as the official code: the score is the CLS query's attention,
-  which the CLIP loss aligns with the text only when CLS is the image embedding (as `tiny` does; an 'avg' config would not).
+  which the CLIP loss aligns with the text only when CLS is the image embedding (as `tiny` pools; an 'avg' config
+  would not).
 - One EMA pass gives both the scores and the BYOL target (cls_attention: explicit softmax for the CLS row, SDPA for
   the blocks), so the teacher costs one forward, as in the official code.
 
@@ -60,7 +61,7 @@ contrast jitter only. Real data gets the paper's augmentation: area 0.5-1, colou
 grayscale 0.2, blur 0.1, solarize 0.2.
 
 Launch
-    python attentive_mask_clip.py                       # CPU, synthetic data, ~5 minutes, results in runs/attentive_mask_clip/
+    python attentive_mask_clip.py                       # CPU, synthetic data, ~4 minutes, results in runs/attentive_mask_clip/
     python attentive_mask_clip.py --mask random --out runs/aclip_random      # the masking ablation
     python attentive_mask_clip.py --model ViT-B-16 --train-data /data/cc3m/train.csv --batch-size 256 --workers 8
     # above: lr 5e-4 x 256 / 4096 = 3.1e-5; with --accum-freq 16 --grad-checkpointing, the paper's 4096 a step on one

@@ -37,11 +37,11 @@ OpenAI's BPE tokenizer and causal text tower pooled at the end-of-text token (th
 bidirectional, first-token pooling, length 32 -- text-side choices it reports as marginal); learned position
 embeddings (paper: fixed 2-D sin-cos); ln_pre present; pooling as the open_clip config says: CLS for open_clip's
 ViT configs and for `tiny` (the official code averages all output tokens including CLS; on the embedded data the
-patch mean, open_clip's 'avg', learned position at 1.7x chance and CLS at 4.1x: README). Each keeps the export
+patch mean, open_clip's 'avg', learned position at 1.7x chance and CLS at 3.1x, 3 seeds: README). Each keeps the export
 loadable by `open_clip.create_model_and_transforms('local-dir:...')`.
 
 Launch
-    python flip.py                                   # CPU, synthetic data, ~5 minutes, results in runs/flip/
+    python flip.py                                   # CPU, synthetic data, ~6 minutes, results in runs/flip/
     python flip.py --mask-ratio 0 --out runs/clip    # the CLIP baseline
     torchrun --nproc_per_node=8 flip.py --model ViT-B-16 --train-data '/data/laion/{00000..41455}.tar' \\
         --train-num-samples 400000000 --imagenet-val /data/imagenet/val --batch-size 256 --workers 8

@@ -61,7 +61,7 @@ Scaled down for the embedded CPU default, and said so: the `tiny` model, 400 ste
 (28 TFLOP of forward and backward).
 
 Launch
-    python uniclip.py                                   # CPU, synthetic data, ~5 minutes, results in runs/uniclip/
+    python uniclip.py                                   # CPU, synthetic data, ~6 minutes, results in runs/uniclip/
     python uniclip.py --aug-embed none --out runs/uniclip_noaug   # one component of the ablation
     torchrun --nproc_per_node=8 uniclip.py --model ViT-B-32 --train-data '/data/yfcc15m/{00000..01499}.tar' \\
         --train-num-samples 15000000 --imagenet-val /data/imagenet/val --batch-size 512 --workers 8
