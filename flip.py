@@ -37,8 +37,8 @@ OpenAI's BPE tokenizer and causal text tower pooled at the end-of-text token (th
 bidirectional, first-token pooling, length 32 -- text-side choices it reports as marginal); learned position
 embeddings (paper: fixed 2-D sin-cos); ln_pre present; pooling as the open_clip config says: CLS for open_clip's
 ViT configs and for `tiny` (the official code averages all output tokens including CLS; on the embedded data the
-patch mean, open_clip's 'avg', learned position at 1.7x chance and CLS at 3.1x, 3 seeds: README). Each keeps the export
-loadable by `open_clip.create_model_and_transforms('local-dir:...')`.
+patch mean, open_clip's 'avg', learned position at 1.7x chance and CLS at 3.1x, 3 seeds: README). Each keeps the
+export loadable by `open_clip.create_model_and_transforms('local-dir:...')`.
 
 Launch
     python flip.py                                   # CPU, synthetic data, ~6 minutes, results in runs/flip/
