@@ -428,6 +428,9 @@ CONFIGS = {  # name: (script, flags beyond the shared budget)
 CLAIMS = [  # (paper's claim, method, baseline, kind): 'beats' the baseline, 'matches' it, or the UTA 'teacher' test
     ('FLIP: masking 50% matches or beats CLIP at equal steps, at about half the step cost', 'flip50', 'clip', 'matches'),
     ('FLIP: masking 50% beats CLIP at equal training time', 'flip50-equal-time', 'clip', 'beats'),
+    ('FLIP: masking 50% beats CLIP at equal training time, on the curve: its last evaluation against CLIP\'s nearest '
+     'the same seconds', 'flip50', 'clip-at-flip50-time', 'beats'),
+    ('FLIP: masking 75% beats CLIP at equal training time, on the curve', 'flip75', 'clip-at-flip75-time', 'beats'),
     ('FLIP: masking 75% stays close to 50% (paper: 1.4 points lower)', 'flip75', 'flip50', 'matches'),
     ("UTA: the student reaches about its teacher's zero-shot accuracy without captions", 'uta', 'flip50', 'teacher'),
     ('A-CLIP: attentive masking beats random masking at the same ratio (2 views)', 'aclip', 'aclip-random', 'beats'),
@@ -474,6 +477,14 @@ def read_run(path):
     return evals, step_s
 
 
+def time_ratio(args, runs, name, seed):
+    """`name`'s step time over CLIP's: from the --speed table (interleaved rounds on one machine) if given, else the
+    median step times of the two runs of this seed (right when they ran alone, one after another)."""
+    if args.speed_ratios:
+        return args.speed_ratios[name]
+    return runs[f'{name}-s{seed}']['step_seconds'] / runs[f'clip-s{seed}']['step_seconds']
+
+
 def quality(args):
     runs = {}
     for seed in args.seeds:
@@ -482,10 +493,12 @@ def quality(args):
             out = os.path.join(args.runs, f'{name}-s{seed}')
             done = os.path.exists(os.path.join(out, 'open_clip', 'open_clip_config.json'))
             started = os.path.exists(os.path.join(out, 'args.json'))  # finished, or stopped and resumed below
+            if args.report_only and not done:
+                print(f'{name} seed {seed}: not finished in {args.runs}, left out of the report', file=sys.stderr)
+                continue
             steps = args.steps
             if name == 'flip50-equal-time':  # the FLIP steps that fit in CLIP's training seconds (a run here: its own)
-                clip_s, flip_step_s = runs[f'clip-s{seed}']['train_seconds'], runs[f'flip50-s{seed}']['step_seconds']
-                steps = read_args(out)['steps'] if started else round(clip_s / flip_step_s)
+                steps = read_args(out)['steps'] if started else round(args.steps / time_ratio(args, runs, 'flip50', seed))
             cmd = [sys.executable, os.path.join(ROOT, script), '--steps', str(steps), '--batch-size',
                    str(args.batch_size), '--seed', str(seed), '--out', out, '--eval-every', str(args.eval_every),
                    '--save-every', str(steps), '--model', args.model] + [f.format(runs=args.runs, seed=seed) for f in flags]
@@ -529,16 +542,42 @@ def summarise(runs, methods):
     table = {}
     for name in methods:
         mine = [r for r in runs.values() if r['method'] == name]
-        finals = [r['evals'][-1] for r in mine]
-        row = {'steps': statistics.mean(r['steps'] for r in mine), 'seeds': len(finals),
-               'train_seconds': statistics.mean(r['train_seconds'] for r in mine),
-               'per_seed': {r['seed']: {t: r['evals'][-1][t] for t in TASKS if t in r['evals'][-1]} for r in mine}}
-        for task in TASKS:
-            vals = [f[task] for f in finals if task in f]
-            if vals:
-                row[task] = (statistics.mean(vals), (max(vals) - min(vals)) / 2)
-        table[name] = row
+        if mine:  # (--report-only leaves out what has not run)
+            table[name] = with_spread({'steps': statistics.mean(r['steps'] for r in mine), 'seeds': len(mine),
+                                       'train_seconds': statistics.mean(r['train_seconds'] for r in mine),
+                                       'per_seed': {r['seed']: final(r['evals'][-1]) for r in mine}})
     return table
+
+
+def final(record):
+    return {t: record[t] for t in TASKS if t in record}
+
+
+def with_spread(row):
+    """A summary row's per-seed values -> their mean and spread (half the max - min) for each task."""
+    for task in TASKS:
+        vals = [v[task] for v in row['per_seed'].values() if task in v]
+        if vals:
+            row[task] = (statistics.mean(vals), (max(vals) - min(vals)) / 2)
+    return row
+
+
+def equal_time(args, runs, table):
+    """FLIP's Figure 1 read at one time: for each FLIP ratio with runs beside CLIP's, CLIP's evaluation nearest the
+    training seconds of FLIP's last step (FLIP's steps x its step-time ratio to CLIP, in CLIP steps), per seed, as a
+    summary row -> {name: (row, CLIP's step per seed)}."""
+    rows = {}
+    for name in ('flip50', 'flip75'):
+        seeds = [s for s in table.get(name, {}).get('per_seed', {}) if f'clip-s{s}' in runs]
+        if not seeds:
+            continue
+        per_seed, steps = {}, {}
+        for s in seeds:
+            target = runs[f'{name}-s{s}']['steps'] * time_ratio(args, runs, name, s)
+            nearest = min(runs[f'clip-s{s}']['evals'], key=lambda e: abs(e['step'] - target))
+            per_seed[s], steps[s] = final(nearest), nearest['step']
+        rows[f'clip-at-{name}-time'] = (with_spread({'per_seed': per_seed}), steps)
+    return rows
 
 
 def quality_report(args, table, runs):
@@ -553,39 +592,53 @@ def quality_report(args, table, runs):
         lines.append(f"| {name} | {row['steps']:.0f} | {row['train_seconds']:.0f} | " + ' | '.join(cells) + ' |')
     lines += ['', "| paper's claim | method vs baseline (difference, smallest detectable): object; shape; position; "
               "i→t R@1 | verdict |", '|---|---|---|']
+    at_time = equal_time(args, runs, table)
+    rows = {**table, **{name: row for name, (row, _) in at_time.items()}}
     for claim, a, b, kind in CLAIMS:
-        if a in table and b in table:
+        if a in rows and b in rows:
             cells = []
             for t in MEASURES:
-                diff, detectable = paired(table[a], table[b], t)
-                cells.append(f'{100 * table[a][t][0]:.1f} vs {100 * table[b][t][0]:.1f} ({100 * diff:+.1f}' +
-                             (f', {100 * detectable:.1f}) {sign(table[a], table[b], t)}' if detectable else ')'))
-            lines.append(f'| {claim} | {"; ".join(cells)} | {verdict(table[a], table[b], kind)} |')
+                diff, detectable = paired(rows[a], rows[b], t)
+                cells.append(f'{100 * rows[a][t][0]:.1f} vs {100 * rows[b][t][0]:.1f} ({100 * diff:+.1f}' +
+                             (f', {100 * detectable:.1f}) {sign(rows[a], rows[b], t)}' if detectable else ')'))
+            if b in at_time:
+                claim += f' (CLIP at step {"/".join(str(v) for v in sorted(set(at_time[b][1].values())))})'
+            lines.append(f'| {claim} | {"; ".join(cells)} | {verdict(rows[a], rows[b], kind)} |')
     lines += ['', '(difference, smallest detectable): the mean over seeds of the per-seed difference, method minus '
               'baseline (same seed: same data order and initialisation), and the smallest difference these runs could '
               "tell from zero: the 95% interval of that mean (Student's t over the seeds, n - 1 degrees of freedom) "
               'combined with two standard errors of the difference from the finite evaluation set (binomial, '
               f'{EVAL_SIZE["zeroshot/object"]} images, {EVAL_SIZE["retrieval/image_to_text_R@1"]} captions). '
               '↑ / ↓: ahead / behind by more than that; ≈: within it. Verdict: "beats" claims are reproduced when ahead '
-              'on at least two measures and behind on none; "matches" claims when behind on none.']
-    lines += curve_report(runs)
+              'on at least two measures and behind on none; "matches" claims when behind on none.', '',
+              'Equal training time (the flip50-equal-time run\'s steps, and CLIP\'s step on the curve): step times as '
+              + (f"ratios to CLIP's from `{args.speed}` ({args.speed_note})" if args.speed_ratios else
+                 "the runs' own median step times (fair only if they ran alone, one after another; --speed takes "
+                 "the ratios from a `bench.py speed` table instead)") + '.']
+    lines += curve_report(args, runs)
     return '\n'.join(lines) + '\n'
 
 
-def curve_report(runs, methods=('clip', 'flip50', 'flip75'), tasks=('zeroshot/object', 'zeroshot/shape',
-                                                                    'zeroshot/position', 'retrieval/image_to_text_R@1')):
+def curve_report(args, runs, methods=('clip', 'flip50', 'flip75'), tasks=('zeroshot/object', 'zeroshot/shape',
+                                                                          'zeroshot/position',
+                                                                          'retrieval/image_to_text_R@1')):
     """FLIP's Figure 1 at this scale: accuracy against training seconds for CLIP and FLIP at each evaluation, means over
-    seeds (x: the step times the method's median step time)."""
+    seeds (x: the step times the method's step time: CLIP's median times the ratio time_ratio gives)."""
     lines = []
     for name in methods:
         mine = [r for r in runs.values() if r['method'] == name]
         if not mine:
             continue
+        clips = [runs[f"clip-s{r['seed']}"] for r in mine if f"clip-s{r['seed']}" in runs]
+        if len(clips) == len(mine):
+            step_s = statistics.mean(c['step_seconds'] * time_ratio(args, runs, name, c['seed']) if name != 'clip'
+                                     else c['step_seconds'] for c in clips)
+        else:  # no CLIP run beside it: its own step time
+            step_s = statistics.mean(r['step_seconds'] for r in mine)
         if not lines:
             lines = ['', 'Accuracy against training time (FLIP\'s Figure 1 at this scale; means over seeds, in %):', '',
                      '| method | step | train s | ' + ' | '.join(t.split('/')[1] for t in tasks) + ' |',
                      '|---|---|---|' + '---|' * len(tasks)]
-        step_s = statistics.mean(r['step_seconds'] for r in mine)
         for i, e in enumerate(mine[0]['evals']):
             cells = [f"{100 * statistics.mean(r['evals'][i][t] for r in mine):.1f}" for t in tasks]
             lines.append(f"| {name} | {e['step']} | {e['step'] * step_s:.0f} | " + ' | '.join(cells) + ' |')
@@ -1068,6 +1121,10 @@ def get_args(argv=None):
                    "method's own; all 1e-3 at tiny, but their rules differ at other sizes)")
     g.add_argument('--runs', default='runs/bench', help='where the training runs go (finished runs are reused)')
     g.add_argument('--no-plot', action='store_true')
+    g.add_argument('--report-only', action='store_true', help='train nothing: the tables from the runs already '
+                   'finished in --runs (the others are named on stderr and left out)')
+    g.add_argument('--speed', default=None, help="a `bench.py speed` table's .json: FLIP's step-time ratios to "
+                   "CLIP's for the equal-time comparisons, measured interleaved (default: the runs' own step times)")
     g = p.add_argument_group('accum (also --model, --batch-size, --rounds, --precision)')
     g.add_argument('--accum-freqs', type=int, nargs='+', default=[1, 2, 4], help='--accum-freq values timed')
     g.add_argument('--accum-steps', type=int, default=2, help='timed steps per run (after one warm-up step)')
@@ -1113,14 +1170,36 @@ def get_args(argv=None):
     if args.mode == 'speed' and 'clip' not in args.methods:
         args.methods.insert(0, 'clip')  # every ratio is to the CLIP step
     args.methods = [m for m in known if m in args.methods]  # in table order: what a run needs runs before it
-    if args.mode == 'quality' and 'uta' in args.methods and 'flip50' not in args.methods:
+    args.speed_ratios, args.speed_note = (read_speed(args) if args.mode == 'quality' and args.speed else (None, None))
+    trains = args.mode == 'quality' and not args.report_only  # and a run may need another one first
+    if trains and 'uta' in args.methods and 'flip50' not in args.methods:
         raise ValueError('uta distils the flip50 run of the same seed: add flip50 to --methods')
-    if args.mode == 'quality' and 'flip50-equal-time' in args.methods and not {'clip', 'flip50'} <= set(args.methods):
-        raise ValueError('flip50-equal-time takes its steps from the clip and flip50 runs: add both to --methods')
+    if (trains and 'flip50-equal-time' in args.methods and not args.speed_ratios and
+            not {'clip', 'flip50'} <= set(args.methods)):
+        raise ValueError('flip50-equal-time takes its steps from the clip and flip50 runs: add both to --methods, '
+                         'or give --speed')
     if min(args.batch_size, args.rounds, args.steps, args.eval_every) < 1 or args.warmup < 0:
         raise ValueError('--batch-size, --rounds, --steps and --eval-every must be >= 1, --warmup >= 0')
     common.model_config(args.model)  # unknown or unsupported models fail here, in one line
     return args
+
+
+def read_speed(args):
+    """--speed: a `bench.py speed` table -> (FLIP's step-time ratios to CLIP by method, a note on what was timed)."""
+    try:
+        with open(args.speed) as f:
+            speed = json.load(f)
+        timed, rows = speed['args'], speed['methods']
+        ratios = {name: rows[name]['ratio'] for name in ('flip50', 'flip75') if name in rows}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f'--speed {args.speed}: not a bench.py speed table ({type(err).__name__}: {err})') from None
+    if timed.get('model') != args.model:
+        raise ValueError(f"--speed {args.speed} timed --model {timed.get('model')}, these runs are --model {args.model}")
+    needed = [m for m in ('flip50', 'flip75') if m in args.methods or (m == 'flip50' and 'flip50-equal-time' in
+                                                                       args.methods)]
+    if not set(needed) <= set(ratios):
+        raise ValueError(f'--speed {args.speed} has no step time for {" ".join(sorted(set(needed) - set(ratios)))}')
+    return ratios, f"--batch-size {timed.get('batch_size')}, {speed.get('machine')}"
 
 
 def main(argv=None):
@@ -1174,7 +1253,7 @@ def main(argv=None):
         stem = os.path.join(args.out, 'quality')
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': device_name(default_device()), 'args': vars(args), 'summary': table,
-                       'runs': runs}, f, indent=2)
+                       'equal_time': equal_time(args, runs, table), 'runs': runs}, f, indent=2)
         report = quality_report(args, table, runs)
         if not args.no_plot:
             plot(args, runs, stem + '.png')

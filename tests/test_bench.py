@@ -55,6 +55,25 @@ def test_quality_runs_and_reuses(tmp_path, capsys):
     assert uta['teacher'] == f"local-dir:{tmp_path / 'runs'}/flip50-s0/open_clip"
     report = (tmp_path / 'quality.md').read_text()
     assert 'UTA: the student' in report and 'FLIP: masking 50%' in report
+    # FLIP at equal training time on the curve: CLIP's evaluation nearest FLIP's last step x its step-time ratio,
+    # here the runs' own; with --speed, a speed table's (fabricated here: FLIP50 at half of CLIP's step time)
+    ratio = runs['flip50-s0']['step_seconds'] / runs['clip-s0']['step_seconds']
+    row, steps = result['equal_time']['clip-at-flip50-time']
+    assert steps == {'0': min((1, 2), key=lambda s: abs(s - 2 * ratio))}
+    speed = tmp_path / 'speed.json'
+    speed.write_text(json.dumps({'args': {'model': 'tiny', 'batch_size': 4}, 'machine': 'a test',
+                                 'methods': {'clip': {'ratio': 1.0}, 'flip50': {'ratio': 0.5}, 'flip75': {'ratio': 0.4}}}))
+    capsys.readouterr()
+    bench.main(['quality', '--report-only', '--speed', str(speed), '--methods', 'clip', 'flip50', 'flip75',
+                *argv[argv.index('--steps'):argv.index('--methods')], '--runs', str(tmp_path / 'runs'),
+                '--out', str(tmp_path / 'report')])  # trains nothing: flip75 has no run and is left out
+    assert 'flip75 seed 0: not finished' in capsys.readouterr().err
+    result = json.load(open(tmp_path / 'report' / 'quality.json'))
+    assert list(result['summary']) == ['clip', 'flip50']
+    row, steps = result['equal_time']['clip-at-flip50-time']
+    assert steps == {'0': 1} and row['per_seed']['0'] == bench.final(runs['clip-s0']['evals'][0])
+    report = (tmp_path / 'report' / 'quality.md').read_text()
+    assert 'equal training time, on the curve' in report and '(CLIP at step 1)' in report and 'a test' in report
     capsys.readouterr()
     bench.main(argv)  # finished runs are read back, not trained again
     assert capsys.readouterr().out.count('done already') == 4
@@ -91,6 +110,7 @@ def test_quality_stops_on_a_run_that_stopped_early(tmp_path, monkeypatch, capsys
     (['speed', '--methods', 'nope'], 'unknown method'),
     (['quality', '--methods', 'uta'], 'add flip50'),
     (['quality', '--methods', 'flip50-equal-time'], 'add both'),
+    (['quality', '--speed', 'no-such-file.json'], 'not a bench.py speed table'),
     (['speed', '--model', 'RN50'], 'RN50'),
 ])
 def test_bad_input_exits_2(argv, message, capsys):
