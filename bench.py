@@ -623,18 +623,13 @@ def curve_report(args, runs, methods=('clip', 'flip50', 'flip75'), tasks=('zeros
                                                                           'zeroshot/position',
                                                                           'retrieval/image_to_text_R@1')):
     """FLIP's Figure 1 at this scale: accuracy against training seconds for CLIP and FLIP at each evaluation, means over
-    seeds (x: the step times the method's step time: CLIP's median times the ratio time_ratio gives)."""
+    seeds (x: the step times step_seconds)."""
     lines = []
     for name in methods:
         mine = [r for r in runs.values() if r['method'] == name]
         if not mine:
             continue
-        clips = [runs[f"clip-s{r['seed']}"] for r in mine if f"clip-s{r['seed']}" in runs]
-        if len(clips) == len(mine):
-            step_s = statistics.mean(c['step_seconds'] * time_ratio(args, runs, name, c['seed']) if name != 'clip'
-                                     else c['step_seconds'] for c in clips)
-        else:  # no CLIP run beside it: its own step time
-            step_s = statistics.mean(r['step_seconds'] for r in mine)
+        step_s = step_seconds(args, runs, name)
         if not lines:
             lines = ['', 'Accuracy against training time (FLIP\'s Figure 1 at this scale; means over seeds, in %):', '',
                      '| method | step | train s | ' + ' | '.join(t.split('/')[1] for t in tasks) + ' |',
@@ -643,6 +638,16 @@ def curve_report(args, runs, methods=('clip', 'flip50', 'flip75'), tasks=('zeros
             cells = [f"{100 * statistics.mean(r['evals'][i][t] for r in mine):.1f}" for t in tasks]
             lines.append(f"| {name} | {e['step']} | {e['step'] * step_s:.0f} | " + ' | '.join(cells) + ' |')
     return lines
+
+
+def step_seconds(args, runs, name):
+    """A method's seconds per step, mean over its seeds: for FLIP beside CLIP's runs, CLIP's times time_ratio (so
+    --speed puts them on one time axis), else its own median."""
+    mine = [r for r in runs.values() if r['method'] == name]
+    if name in ('flip50', 'flip75') and all(f"clip-s{r['seed']}" in runs for r in mine):
+        return statistics.mean(runs[f"clip-s{r['seed']}"]['step_seconds'] * time_ratio(args, runs, name, r['seed'])
+                               for r in mine)
+    return statistics.mean(r['step_seconds'] for r in mine)
 
 
 def paired(a, b, task):
@@ -697,8 +702,10 @@ def plot(args, runs, path, methods=None):
     colours = plt.get_cmap('tab20')
     for k, name in enumerate(methods or args.methods):
         seeds = [r for r in runs.values() if r['method'] == name]
+        if not seeds:  # (--report-only)
+            continue
         steps = [e['step'] for e in seeds[0]['evals']]
-        x = [s * statistics.mean(r['step_seconds'] for r in seeds) for s in steps]
+        x = [s * step_seconds(args, runs, name) for s in steps]
         for ax, task in zip(axes, panels):
             y = [100 * statistics.mean(r['evals'][i][task] for r in seeds) for i in range(len(steps))]
             ax.plot(x, y, marker='o', ms=3, label=name, ls='--' if '-' in name else '-', color=colours(k % 20))
@@ -1257,7 +1264,7 @@ def main(argv=None):
         report = quality_report(args, table, runs)
         if not args.no_plot:
             plot(args, runs, stem + '.png')
-            flips = [m for m in ('clip', 'flip50', 'flip75') if m in args.methods]
+            flips = [m for m in ('clip', 'flip50', 'flip75') if m in table]
             if len(flips) > 1:  # FLIP's Figure 1: CLIP and FLIP on one time axis
                 plot(args, runs, stem + '-flip.png', flips)
     with open(stem + '.md', 'w') as f:
