@@ -550,6 +550,7 @@ def summarise(runs, methods):
 
 
 def final(record):
+    """An evaluation record of a run's log -> its results on TASKS."""
     return {t: record[t] for t in TASKS if t in record}
 
 
