@@ -581,7 +581,7 @@ def equal_time(args, runs, table):
     return rows
 
 
-def quality_report(args, table, runs):
+def quality_report(args, table, runs, at_time):
     short = [t.split('/')[1].replace('image_to_text_R@1', 'i→t R@1').replace('text_to_image_R@1', 't→i R@1')
              for t in TASKS]
     lines = [f'Same budget, `python bench.py quality --steps {args.steps} --batch-size {args.batch_size} --seeds '
@@ -593,7 +593,6 @@ def quality_report(args, table, runs):
         lines.append(f"| {name} | {row['steps']:.0f} | {row['train_seconds']:.0f} | " + ' | '.join(cells) + ' |')
     lines += ['', "| paper's claim | method vs baseline (difference, smallest detectable): object; shape; position; "
               "i→t R@1 | verdict |", '|---|---|---|']
-    at_time = equal_time(args, runs, table)
     rows = {**table, **{name: row for name, (row, _) in at_time.items()}}
     for claim, a, b, kind in CLAIMS:
         if a in rows and b in rows:
@@ -1258,11 +1257,12 @@ def main(argv=None):
     else:
         runs = quality(args)
         table = summarise(runs, args.methods)
+        at_time = equal_time(args, runs, table)
         stem = os.path.join(args.out, 'quality')
         with open(stem + '.json', 'w') as f:
             json.dump({'machine': device_name(default_device()), 'args': vars(args), 'summary': table,
-                       'equal_time': equal_time(args, runs, table), 'runs': runs}, f, indent=2)
-        report = quality_report(args, table, runs)
+                       'equal_time': at_time, 'runs': runs}, f, indent=2)
+        report = quality_report(args, table, runs, at_time)
         if not args.no_plot:
             plot(args, runs, stem + '.png')
             flips = [m for m in ('clip', 'flip50', 'flip75') if m in table]
